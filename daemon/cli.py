@@ -1,0 +1,157 @@
+"""``polecheck`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+
+def _phantom_job(args: tuple) -> float:
+    out, i, preset, seed, size, bits, preview = args
+    from . import phantom
+    from .dataset import write_sample
+    import cv2
+
+    t = time.perf_counter()
+    ph = phantom.make_phantom(np.random.SeedSequence([seed, i]), preset, size, bits)
+    dt = time.perf_counter() - t
+    name = f"{preset}_{seed}_{i:06d}"
+    write_sample(out, name, ph.image, ph.labels)
+    if preview:
+        cv2.imwrite(str(Path(out) / "previews" / f"{name}.png"), phantom.draw_labels(ph.image, ph.labels))
+    return dt
+
+
+def cmd_phantoms(a: argparse.Namespace) -> int:
+    from .phantom import get_spec
+
+    get_spec(a.preset)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.previews:
+        (out / "previews").mkdir(exist_ok=True)
+    tasks = [(str(out), i, a.preset, a.seed, tuple(a.size), a.bits, i < a.previews) for i in range(a.n)]
+    t0 = time.perf_counter()
+    if a.jobs == 1:
+        times = [_phantom_job(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(a.jobs or None) as ex:
+            times = list(ex.map(_phantom_job, tasks, chunksize=4))
+    wall = time.perf_counter() - t0
+    (out / "dataset.json").write_text(json.dumps({
+        "generator": f"polecheck {__version__}", "preset": a.preset, "seed": a.seed, "n": a.n,
+        "size": list(a.size), "bits": a.bits, "names": f"{a.preset}_{a.seed}_NNNNNN",
+    }, indent=1))
+    ng = sum(json.loads((out / f"{a.preset}_{a.seed}_{i:06d}.json").read_text())["verdict"] == "NG" for i in range(a.n))
+    print(f"wrote {a.n} labelled frames ({a.size[0]}x{a.size[1]}, {a.bits}-bit, preset {a.preset}, "
+          f"{ng} NG) to {out}/")
+    print(f"speed: {1 / np.median(times):.2f} images/s per core (median {np.median(times) * 1000:.0f} ms), "
+          f"{a.n / wall:.2f} images/s overall with {a.jobs or os.cpu_count()} job(s)")
+    if a.previews:
+        print(f"previews with the ground truth drawn on top: {out / 'previews'}/")
+    return 0
+
+
+def cmd_feed(a: argparse.Namespace) -> int:
+    import zmq
+
+    from .config import load_config
+    from .feed import Feed, render_pool
+
+    cfg = load_config(a.config).feed
+    over = {k: v for k, v in (("endpoint", a.endpoint), ("rate_hz", a.rate), ("preset", a.preset),
+                               ("socket", a.socket), ("pool_cells", a.pool), ("seed", a.seed),
+                               ("bits", a.bits), ("size", tuple(a.size) if a.size else None)) if v is not None}
+    cfg = cfg.model_validate({**cfg.model_dump(), **over})
+    t = time.perf_counter()
+    pool = render_pool(cfg.pool_cells, cfg.preset, cfg.size, cfg.bits, cfg.seed)
+    logging.info("rendered %d cells (%d frames) in %.1f s", len(pool), 4 * len(pool), time.perf_counter() - t)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctx = zmq.Context()
+    feed = Feed(ctx, cfg.endpoint, pool, socket=cfg.socket, rate_hz=cfg.rate_hz, scanner_id=cfg.scanner_id)
+    try:
+        logging.info("feeding %s on %s (%s, %.1f frames/s)", cfg.preset, cfg.endpoint, cfg.socket, cfg.rate_hz)
+        sent = feed.run(a.frames, stop)
+    finally:
+        feed.close()
+        ctx.term()
+    logging.info("sent %d frames", sent)
+    return 0
+
+
+def cmd_check_config(a: argparse.Namespace) -> int:
+    from .config import ConfigError, dump_config, load_config
+
+    try:
+        cfg = load_config(a.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(dump_config(cfg), end="")
+    print(f"# OK: {a.file or 'default configuration'} is valid", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polecheck", description="In-line X-ray electrode overhang inspection")
+    p.add_argument("--version", action="version", version=f"polecheck {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("phantoms", help="render a labelled phantom dataset (NAME.png + NAME.json)")
+    s.add_argument("out")
+    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--preset", default="normal", choices=["normal", "hard", "defects"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
+    s.add_argument("--bits", type=int, choices=[8, 16], default=16)
+    s.add_argument("--jobs", type=int, default=0, help="worker processes (0 = all cores)")
+    s.add_argument("--previews", type=int, default=0, metavar="K", help="also draw the labels on the first K")
+    s.set_defaults(fn=cmd_phantoms)
+
+    s = sub.add_parser("feed", help="publish phantom cells like a scanner (see config 'feed')")
+    s.add_argument("--config", default=None)
+    s.add_argument("--endpoint", help="bind:tcp://... or connect:tcp://...")
+    s.add_argument("--socket", choices=["push", "pub"])
+    s.add_argument("--rate", type=float, help="frames per second (0 = unpaced)")
+    s.add_argument("--preset", choices=["normal", "hard", "defects"])
+    s.add_argument("--pool", type=int, help="cells to pre-render")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--bits", type=int, choices=[8, 16])
+    s.add_argument("--size", type=int, nargs=2, metavar=("W", "H"))
+    s.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    s.set_defaults(fn=cmd_feed)
+
+    s = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    s.add_argument("file", nargs="?", default=None)
+    s.set_defaults(fn=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return a.fn(a)
+    except ValueError as e:  # config and input errors: one clear line, no traceback
+        print(f"polecheck {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

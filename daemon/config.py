@@ -1,0 +1,200 @@
+"""Strict configuration: YAML file + ``POLECHECK_*`` environment overrides -> validated model.
+
+Unknown keys, bad values and duplicate YAML keys fail at start-up with the key's path, e.g.
+``ingest.max_frame_bytes: Input should be greater than 0``.
+
+Environment overrides: ``POLECHECK_<SECTION>__<KEY>[__<SUBKEY>...]=<YAML scalar>``, e.g.
+``POLECHECK_INGEST__ENDPOINT=connect:tcp://10.0.0.5:5555``.  Every ``POLECHECK_*`` variable
+except those in ``RESERVED_ENV`` must name a config key, so a typo is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "POLECHECK_"
+RESERVED_ENV = {"POLECHECK_CONFIG"}  # path of the config file, not an override
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` is a list of ``(key path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in problems)
+        super().__init__(f"invalid {source}:\n{lines}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _endpoint(v: str) -> str:
+    how, sep, addr = v.partition(":")
+    if not sep or how not in ("bind", "connect") or "://" not in addr:
+        raise ValueError("must be 'bind:<transport>://<addr>' or 'connect:<transport>://<addr>'")
+    return v
+
+
+class IngestConfig(Strict):
+    """Where frames come from and what a frame may be."""
+
+    endpoint: str = Field("connect:tcp://127.0.0.1:5555", description="camera feed endpoint (bind:/connect:)")
+    socket: Literal["pull", "sub"] = Field("pull", description="pull: lossless back-pressure; sub: fan-out, drops at HWM")
+    hwm: int = Field(64, ge=1, le=100_000, description="ZeroMQ high-water mark in messages")
+    max_frame_bytes: int = Field(64 * 1024 * 1024, gt=0, le=2**31, description="largest pixel buffer accepted")
+    max_side: int = Field(8192, ge=16, le=65536, description="largest image side accepted")
+    max_header_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="largest header accepted")
+
+    _check_endpoint = field_validator("endpoint")(classmethod(lambda cls, v: _endpoint(v)))
+
+
+class RecipeConfig(Strict):
+    """Acceptance rules for one cell type."""
+
+    name: str = Field("default", min_length=1, description="recipe name, reported with each verdict")
+    overhang_min_um: float = Field(750.0, ge=-5000, le=20000, description="smallest accepted overhang")
+    overhang_max_um: float = Field(2250.0, ge=-5000, le=20000, description="largest accepted overhang")
+    expected_layers: int | None = Field(None, ge=3, le=1001, description="anodes + cathodes, if fixed")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if not self.overhang_min_um < self.overhang_max_um:
+            raise ValueError("overhang_min_um must be < overhang_max_um")
+        if self.expected_layers is not None and self.expected_layers % 2 == 0:
+            raise ValueError("expected_layers must be odd (anodes = cathodes + 1)")
+        return self
+
+
+class FeedConfig(Strict):
+    """The built-in synthetic scanner (`polecheck feed`, the demo)."""
+
+    endpoint: str = Field("bind:tcp://127.0.0.1:5555", description="where the feed publishes")
+    socket: Literal["push", "pub"] = Field("push", description="push pairs with ingest.socket=pull")
+    scanner_id: str = Field("xray-sim-01", min_length=1, max_length=128)
+    preset: Literal["normal", "hard", "defects"] = "normal"
+    size: tuple[int, int] = Field((1024, 1024), description="frame size (w, h)")
+    bits: Literal[8, 16] = 16
+    rate_hz: float = Field(20.0, ge=0, le=10000, description="frames per second; 0 = as fast as possible")
+    pool_cells: int = Field(8, ge=1, le=4096, description="cells pre-rendered and cycled")
+    seed: int = Field(0, ge=0)
+
+    _check_endpoint = field_validator("endpoint")(classmethod(lambda cls, v: _endpoint(v)))
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if not all(128 <= s <= 8192 for s in v):
+            raise ValueError("each side must be in 128..8192")
+        return v
+
+
+class LogConfig(Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(Strict):
+    ingest: IngestConfig = IngestConfig()
+    recipe: RecipeConfig = RecipeConfig()
+    feed: FeedConfig = FeedConfig()
+    log: LogConfig = LogConfig()
+
+
+# --------------------------------------------------------------------------- loading
+def _duplicates(node: yaml.Node, path: str = "") -> list[tuple[str, str]]:
+    """Duplicate mapping keys anywhere in a composed YAML tree (PyYAML keeps the last)."""
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = f"{path}.{key}" if path else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                out.append((sub, f"duplicate key (line {line}, first at line {seen[key]})"))
+            seen.setdefault(key, line)
+            out += _duplicates(value_node, sub)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicates(item, f"{path}[{i}]")
+    return out
+
+
+def parse_yaml(text: str) -> dict:
+    """Safe-load YAML, rejecting duplicate keys with their paths."""
+    dups = _duplicates(yaml.compose(text, Loader=yaml.SafeLoader))
+    if dups:
+        raise ConfigError(dups)
+    data = yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([("<root>", f"must be a mapping, got {type(data).__name__}")])
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict:
+    """Nested dict from ``POLECHECK_A__B=value`` variables (values parsed as YAML scalars)."""
+    out: dict = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if any(not p for p in path):
+            raise ConfigError([(name, "malformed override name (use POLECHECK_SECTION__KEY)")], "environment")
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError([(name, "conflicts with another override")], "environment")
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError([(name, f"not a YAML value: {raw!r:.60}")], "environment") from None
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    return [(".".join(str(p) for p in e["loc"]) or "<root>", e["msg"]) for e in err.errors()]
+
+
+def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (default: $POLECHECK_CONFIG or config/default.yaml), apply the
+    environment overrides and validate.  Raises ``ConfigError`` naming every bad key."""
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get("POLECHECK_CONFIG") or DEFAULT_CONFIG)
+    if path == DEFAULT_CONFIG and not path.exists():
+        text = ""  # installed without the repo's config/: the model defaults are the default
+    else:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError([("<file>", f"cannot read {path}: {e.strerror or e}")], str(path)) from None
+    try:
+        data = _merge(parse_yaml(text), env_overrides(environ))
+    except yaml.YAMLError as e:
+        raise ConfigError([("<yaml>", str(e).replace("\n", " "))], str(path)) from None
+    except ConfigError as e:
+        raise ConfigError(e.problems, str(path)) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_problems(e), str(path)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The effective configuration as YAML (defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
