@@ -106,6 +106,20 @@ def cmd_check_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import STAGES, to_markdown
+
+    names = list(STAGES) if a.stage == "all" else [a.stage]
+    results = {}
+    for name in names:
+        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits)
+        results[name] = res
+        print(to_markdown(name, res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polecheck", description="In-line X-ray electrode overhang inspection")
     p.add_argument("--version", action="version", version=f"polecheck {__version__}")
@@ -135,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, nargs=2, metavar=("W", "H"))
     s.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     s.set_defaults(fn=cmd_feed)
+
+    s = sub.add_parser("bench", help="measure stage speed on this machine (docs/benchmarks.md)")
+    s.add_argument("--stage", default="all", help="phantom | all")
+    s.add_argument("--n", type=int, default=20, help="frames per variant")
+    s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
+    s.add_argument("--bits", type=int, choices=[8, 16], default=16)
+    s.add_argument("--json", default=None, help="also write the results here")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("check-config", help="validate a config file and print the effective config")
     s.add_argument("file", nargs="?", default=None)

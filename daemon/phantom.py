@@ -55,7 +55,7 @@ class PhantomSpec:
     rotation_deg: float = 8.0
     p_needle: float = 0.5  # share of cells with needle-like tapered anode tips
     p_bend: float = 0.6  # share of anodes whose end bends slightly
-    dose: tuple[float, float] = (1500.0, 8000.0)  # photons per pixel in the open beam
+    dose: tuple[float, float] = (3000.0, 25000.0)  # photons per pixel in the open beam
     psf_sigma: tuple[float, float] = (0.5, 1.1)
     scatter: tuple[float, float] = (0.01, 0.05)  # weight of the wide scatter halo
     read_noise_adu: tuple[float, float] = (2.0, 8.0)
@@ -78,7 +78,7 @@ PRESETS: dict[str, PhantomSpec] = {
     "normal": PhantomSpec("normal"),
     "hard": PhantomSpec(
         "hard",
-        dose=(150.0, 700.0),
+        dose=(500.0, 2500.0),
         psf_sigma=(1.2, 2.4),
         scatter=(0.03, 0.10),
         read_noise_adu=(4.0, 16.0),

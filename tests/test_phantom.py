@@ -151,7 +151,9 @@ def test_defects_preset_is_about_half_ng_with_borderlines():
 
 def test_8bit_looks_like_public_xray_pbd():
     """Grey levels of body and background as measured on the public X-ray PBD images."""
-    body, bg = [], []
+    import cv2
+
+    body, bg, noise = [], [], []
     for seed in range(6):
         ph = P.make_phantom(seed, "normal", (640, 640), bits=8)
         sc = ph.scene
@@ -162,10 +164,17 @@ def test_8bit_looks_like_public_xray_pbd():
         in_stack = (v > sc.v[0]) & (v < sc.v[-1])
         body.append(np.median(ph.image[in_stack & (u < sc.u_end[sc.kind == P.CATHODE].min() - 20)]))
         open_beam = P.transmission(sc) > 0.995
+        open_beam = cv2.erode(open_beam.astype(np.uint8), np.ones((17, 17), np.uint8)).astype(bool)
         if sc.imaging["fov"] is None:
             bg.append(np.median(ph.image[open_beam]))
+        img = ph.image.astype(np.float32)
+        hp = img - cv2.GaussianBlur(img, (0, 0), 2.0)
+        flat = open_beam & (img < 250)  # clipped pixels have no noise to measure
+        if flat.sum() > 2000:
+            noise.append(np.std(hp[flat]))
     assert 8 <= np.median(body) <= 70, body
     assert all(195 <= b <= 255 for b in bg), bg
+    assert 0.3 <= np.median(noise) <= 3.7, noise  # high-pass std of the open beam, real: 0.3-3.7
 
 
 def test_hard_preset_is_noisier_and_blurrier():
