@@ -1,0 +1,442 @@
+"""Stage 1 (``roi_corners``): oriented FAST corners, the tip-band ROI, tip direction, and
+the full-resolution sub-pixel corner set Q for the fusion step.
+
+Pipeline for one frame (all pure functions; I/O-free):
+
+1. Robust 8-bit window from percentiles of a strided subsample (gain/offset unknown).
+2. Coarse detection at about ``coarse_side`` px: FAST segment-test keypoints (OpenCV), the
+   intensity-centroid orientation of each (the ORB "oFAST" orientation, vectorised),
+   top ``n_coarse`` by FAST response.
+3. Cluster centre of the corners: the mode of a response-weighted, smoothed 2D histogram,
+   then the median of the corners near that mode.  The mean would be dragged by distractor
+   corners (screws, walls, the field-of-view rim); the mode ignores any number of scattered
+   outliers as long as they are less dense than the tip band, and the local median makes
+   the centre sub-cell without being pulled by the cluster's ragged edges.
+4. Layer angle from the structure tensor around the centre; tip direction = which way
+   along the layers the image gets brighter (the dark stack body is behind the tips),
+   cross-checked by the mean oFAST orientation of the cluster's corners.
+5. Profiles in the de-rotated window (tips to +u): the intensity accumulated along v gives
+   the body->band->background steps along u, the gradient energy accumulated along u over
+   the band gives the stack's extent along v.  The ROI bounds are the outer ends of the
+   strongest transitions of the smoothed derivatives, plus ``margin_px``.
+6. Full resolution inside the ROI: FAST, top ``n_corners`` (N) by response, orientation,
+   ``cv2.cornerSubPix`` -> Q ``(N, 2)``.
+
+Note:
+    Points are ``(N, 2) float32 (x, y)`` in full-resolution image pixels, pixel centres at
+    integer coordinates.  Directions 0..3 = tips pointing right/down/left/up.  The ROI is an
+    oriented box: ``centre (2,)``, ``size (w, h)`` along/across the layers, and ``angle_deg``,
+    the rotation that maps the canonical frame (tips to +x) onto the image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+REASONS = ("blank", "saturated", "no_band", "ambiguous_direction")
+STEP_RUN = 0.5  # grey levels per profile px: part of a transition
+STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
+STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
+
+
+@dataclass(frozen=True)
+class RoiParams:
+    n_corners: int = 512  # N: size of the full-resolution corner set Q (64..1024)
+    n_coarse: int = 768  # corners kept at the coarse scale
+    coarse_side: int = 512  # longest side of the coarse image
+    fast_threshold: int = 10  # FAST threshold on the 8-bit window (coarse)
+    fast_threshold_full: int = 12  # FAST threshold at full resolution
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    margin_px: float = 24.0  # added to every side of the transitions, full-resolution px
+    min_corners: int = 12  # fewer corners in the cluster: no band
+    min_contrast: float = 0.1  # (hi - lo) / hi below this: blank
+    max_clipped: float = 0.985  # share of pixels at the dtype's maximum above this: saturated
+    orient_radius: int = 7  # oFAST patch radius
+    subpix_win: int = 2  # cornerSubPix half window
+
+
+@dataclass
+class RoiResult:
+    ok: bool
+    reason: str | None = None  # one of REASONS when not ok
+    detail: str = ""
+    direction: int = -1  # 0..3 tips right/down/left/up
+    angle_deg: float = 0.0  # canonical (tips +x) -> image rotation, 90*direction + fine
+    centre: np.ndarray = field(default_factory=lambda: np.zeros(2))  # (2,) x, y
+    size: tuple[float, float] = (0.0, 0.0)  # (w, h): along the layers, across them
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # axis-aligned x0, y0, x1, y1 (exclusive), clipped
+    corners: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # Q (N, 2)
+    corner_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,)
+    corner_angles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,) rad
+    window: tuple[float, float] = (0.0, 0.0)  # intensity window (lo, hi)
+
+    def polygon(self) -> np.ndarray:
+        """The oriented ROI's corners, ``(4, 2) float64 (x, y)``."""
+        w, h = self.size
+        c = np.array([[-w, -h], [w, -h], [w, h], [-w, h]]) / 2
+        return c @ _rot(self.angle_deg).T + self.centre
+
+    def to_canonical(self, pts: np.ndarray) -> np.ndarray:
+        """Image points ``(N, 2)`` -> ROI frame (tips to +u, origin at the centre)."""
+        return (np.asarray(pts, np.float64).reshape(-1, 2) - self.centre) @ _rot(self.angle_deg)
+
+    def contains(self, pts: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """``(N,) bool``: points at least ``margin`` px inside the oriented ROI."""
+        q = self.to_canonical(pts)
+        w, h = self.size
+        return (np.abs(q[:, 0]) <= w / 2 - margin) & (np.abs(q[:, 1]) <= h / 2 - margin)
+
+
+def _rot(deg: float) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    return np.array([[c, -s], [s, c]])
+
+
+# --------------------------------------------------------------------------- windowing
+def robust_window(img: np.ndarray, percentiles=(0.5, 99.5), stride: int = 4) -> tuple[float, float]:
+    """Percentile window ``(lo, hi)`` of ``img`` ``(H, W)`` from every ``stride``-th pixel."""
+    sub = img[::stride, ::stride].ravel()
+    k = np.clip(np.round(np.array(percentiles) / 100 * (sub.size - 1)).astype(int), 0, sub.size - 1)
+    part = np.partition(sub, k)
+    return float(part[k[0]]), float(part[k[1]])
+
+
+def to_8bit(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Window ``img`` ``(H, W)`` uint8/uint16 to uint8: ``lo`` -> 0, ``hi`` -> 255, saturating."""
+    scale = 255.0 / max(hi - lo, 1e-6)
+    if img.dtype == np.uint8 or img.dtype == np.uint16:
+        shifted = cv2.subtract(img, np.array([lo], dtype=np.float64).item()) if lo > 0 else img
+        return cv2.convertScaleAbs(shifted, alpha=scale)
+    return np.clip((img.astype(np.float32) - lo) * scale, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- oFAST
+def fast_corners(g8: np.ndarray, threshold: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAST-9 keypoints with non-max suppression, the ``n`` strongest.
+
+    Returns ``pts (K, 2) float32 (x, y)`` and ``response (K,) float32``, K <= n.
+    """
+    kps = cv2.FastFeatureDetector_create(int(threshold), True).detect(g8)
+    if not kps:
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+    pts = cv2.KeyPoint_convert(kps).astype(np.float32)
+    resp = np.fromiter((k.response for k in kps), np.float32, len(kps))
+    if len(kps) > n:
+        keep = np.argpartition(-resp, n - 1)[:n]
+        pts, resp = pts[keep], resp[keep]
+    return pts, resp
+
+
+def _disc(radius: int) -> np.ndarray:
+    d = np.arange(-radius, radius + 1)
+    dx, dy = np.meshgrid(d, d)
+    m = dx * dx + dy * dy <= radius * radius
+    return np.stack([dx[m], dy[m]], 1)  # (P, 2)
+
+
+def ofast_orientation(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.ndarray:
+    """Intensity-centroid orientation (ORB) of each keypoint, ``(K,) float32`` radians:
+    the angle of ``(m10, m01)`` over a disc of ``radius``; 0 = towards +x.  Vectorised."""
+    if len(pts) == 0:
+        return np.zeros(0, np.float32)
+    off = _disc(radius)
+    c = np.rint(pts).astype(np.int32)
+    xs = np.clip(c[:, None, 0] + off[None, :, 0], 0, g8.shape[1] - 1)
+    ys = np.clip(c[:, None, 1] + off[None, :, 1], 0, g8.shape[0] - 1)
+    patch = g8[ys, xs].astype(np.float32)  # (K, P)
+    m10 = patch @ off[:, 0].astype(np.float32)
+    m01 = patch @ off[:, 1].astype(np.float32)
+    return np.arctan2(m01, m10).astype(np.float32)
+
+
+def ofast_orientation_serial(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.ndarray:
+    """Reference: the same orientation with a Python loop per keypoint (tests, bench)."""
+    out = np.zeros(len(pts), np.float32)
+    for i, (x, y) in enumerate(np.rint(pts).astype(int)):
+        m10 = m01 = 0.0
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                if dx * dx + dy * dy <= radius * radius:
+                    v = float(g8[min(max(y + dy, 0), g8.shape[0] - 1), min(max(x + dx, 0), g8.shape[1] - 1)])
+                    m10 += dx * v
+                    m01 += dy * v
+        out[i] = math.atan2(m01, m10)
+    return out
+
+
+# --------------------------------------------------------------------------- cluster
+def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
+                   link: float = 32.0) -> tuple[np.ndarray, np.ndarray]:
+    """Robust centre of the tip band's corners.
+
+    The corners are binned on a grid of ``link / 2`` cells, occupied cells are linked to
+    their 8 neighbours (dilation), and the connected component with the largest total
+    response wins: the band's tips form long, dense chains, while distractor corners
+    (screws, wall ends, the field-of-view rim) form small or sparse groups.  The centre is
+    the median of the winning corners, which their ragged chain ends cannot drag.
+
+    Args:
+        pts: ``(K, 2)`` corners; weights: ``(K,)``; shape: ``(H, W)`` of their image.
+    Returns:
+        ``centre (2,)`` and ``members (K,) bool``.
+    """
+    cell = max(2.0, link / 2)
+    h, w = shape
+    gh, gw = int(h // cell) + 1, int(w // cell) + 1
+    ci = np.minimum((pts[:, 1] / cell).astype(int), gh - 1)
+    cj = np.minimum((pts[:, 0] / cell).astype(int), gw - 1)
+    grid = np.bincount(ci * gw + cj, weights=weights, minlength=gh * gw).reshape(gh, gw)
+    occ = cv2.dilate((grid > 0).astype(np.uint8), np.ones((3, 3), np.uint8))
+    n, lab = cv2.connectedComponents(occ, connectivity=8)
+    comp_w = np.bincount(lab.ravel(), weights=grid.ravel(), minlength=n)
+    comp_w[0] = 0.0
+    members = lab[ci, cj] == int(np.argmax(comp_w))
+    return np.median(pts[members], axis=0).astype(np.float64), members
+
+
+# --------------------------------------------------------------------------- geometry
+def layer_axis_angle(g: np.ndarray, centre: np.ndarray, half: int) -> tuple[float, float]:
+    """Direction of the layers around ``centre`` from the structure tensor.
+
+    Returns ``(angle, coherence)``: angle in radians in ``(-pi/2, pi/2]`` of the layer axis
+    (perpendicular to the dominant gradient), coherence in [0, 1].
+    """
+    x, y = np.rint(centre).astype(int)
+    y0, y1 = max(y - half, 0), min(y + half + 1, g.shape[0])
+    x0, x1 = max(x - half, 0), min(x + half + 1, g.shape[1])
+    patch = g[y0:y1, x0:x1].astype(np.float32)
+    gx = cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3)
+    jxx, jyy, jxy = float((gx * gx).sum()), float((gy * gy).sum()), float((gx * gy).sum())
+    grad = 0.5 * math.atan2(2 * jxy, jxx - jyy)
+    coh = math.hypot(jxx - jyy, 2 * jxy) / max(jxx + jyy, 1e-9)
+    axis = grad + math.pi / 2
+    if axis > math.pi / 2:
+        axis -= math.pi
+    return axis, coh
+
+
+def _smooth(p: np.ndarray, k: int) -> np.ndarray:
+    k = max(1, int(k)) | 1
+    return np.convolve(np.pad(p, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
+
+
+def _runs(mask: np.ndarray) -> np.ndarray:
+    """``(R, 2)`` [start, end) of the True runs of a 1-D bool array."""
+    d = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], 1)
+
+
+def _fail(reason: str, detail: str, window=(0.0, 0.0)) -> RoiResult:
+    return RoiResult(ok=False, reason=reason, detail=detail, window=window)
+
+
+# --------------------------------------------------------------------------- main
+def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: bool = False) -> RoiResult:
+    """Stage 1 on one frame ``(H, W)`` uint8/uint16.  ``full_resolution`` skips the coarse
+    scale (the reference the benchmark compares against)."""
+    if img.ndim != 2 or img.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"frame must be (H, W) uint8/uint16, got {img.shape} {img.dtype}")
+    H, W = img.shape
+    f = 1 if full_resolution else max(1, int(math.ceil(max(H, W) / p.coarse_side)))
+    coarse = img if f == 1 else cv2.resize(img, (W // f, H // f), interpolation=cv2.INTER_AREA)
+    lo, hi = robust_window(coarse, p.percentiles)
+    top = float(np.iinfo(img.dtype).max)
+    if hi - lo < p.min_contrast * max(hi, 1.0):
+        clipped = float((coarse[::4, ::4] >= top).mean())
+        if clipped > p.max_clipped:
+            return _fail("saturated", f"{clipped:.1%} of pixels at {int(top)}", (lo, hi))
+        return _fail("blank", f"window {lo:.0f}..{hi:.0f} has no contrast", (lo, hi))
+    g = to_8bit(coarse, lo, hi)
+
+    pts, resp = fast_corners(g, p.fast_threshold, p.n_coarse)
+    if len(pts) < p.min_corners:
+        return _fail("no_band", f"{len(pts)} corners", (lo, hi))
+    centre, members = cluster_centre(pts, resp, g.shape, link=64.0 / f)
+    if members.sum() < p.min_corners:
+        return _fail("no_band", f"densest cluster has {int(members.sum())} corners", (lo, hi))
+
+    # layer axis and tip direction
+    spread = np.ptp(pts[members], axis=0).max()
+    half = int(np.clip(spread, 16, max(g.shape) // 3))
+    axis, coh = layer_axis_angle(g, centre, half)
+    if coh < 0.2:
+        return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
+    ax = np.array([math.cos(axis), math.sin(axis)])
+    angles = ofast_orientation(g, pts[members], p.orient_radius)
+    vote = float(np.cos(angles - axis).mean())  # > 0: corners look along +axis
+    sign = _brighter_side(g, centre, ax, half)
+    if sign == 0:
+        sign = 1 if vote > 0 else -1
+    if abs(vote) > 0.25 and np.sign(vote) != sign:
+        return _fail("ambiguous_direction", f"body side says {sign:+d}, corner orientations {vote:+.2f}", (lo, hi))
+    # refine the layer angle where the layers run straight: half a band back into the body
+    back = centre - sign * ax * (half / 2)
+    axis2, coh2 = layer_axis_angle(g, back, half)
+    if coh2 > coh and abs(math.remainder(axis2 - axis, math.pi)) < math.radians(10):
+        axis = axis + math.remainder(axis2 - axis, math.pi)
+    phi = (math.degrees(axis) + (0.0 if sign > 0 else 180.0) + 45.0) % 360.0 - 45.0
+    direction = int(round(phi / 90.0)) % 4
+
+    # profiles in the de-rotated window (tips to +u), at a scale where the band is ~100 px
+    fp = 2 if min(g.shape) >= 384 else 1
+    prof = cv2.resize(g, (g.shape[1] // fp, g.shape[0] // fp), interpolation=cv2.INTER_AREA) if fp > 1 else g
+    c_p = (centre + 0.5) / fp - 0.5
+    side = max(prof.shape)
+    lu, lv = int(0.45 * side), int(0.75 * side)
+    R = _rot(phi)
+    M = np.hstack([R, (c_p - R @ np.array([lu, lv]))[:, None]]).astype(np.float32)
+    win = cv2.warpAffine(prof, M, (2 * lu + 1, 2 * lv + 1), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    # tip-like corners: their oFAST orientation looks along the tips (the bright side is
+    # ahead); corners along the body's layer lines or on fixtures mostly do not
+    tiplike = np.cos(angles - math.radians(phi)) > 0.5
+    if tiplike.sum() < p.min_corners // 2:
+        return _fail("no_band", f"only {int(tiplike.sum())} tip-like corners", (lo, hi))
+    q = ((pts[members][tiplike] + 0.5) / fp - 0.5 - c_p) @ R + np.array([lu, lv])  # window coords
+    cu = np.percentile(q[:, 0], [5, 95])
+    cv = np.percentile(q[:, 1], [2, 98])
+    v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
+    ext_u = _u_extent(win, v0, v1, cu)
+    if ext_u is None:
+        return _fail("no_band", "no body/background step along the layers", (lo, hi))
+    ext_v = _v_extent(win, ext_u, (cv[0], cv[1]), reach=max(8.0, 0.1 * (cv[1] - cv[0])))
+    if ext_v is None:
+        return _fail("no_band", "no stack edges across the layers", (lo, hi))
+    ext_u = _u_extent(win, int(ext_v[0]), int(ext_v[1]), cu) or ext_u
+    # the tips are corners: across the stack the ROI always covers the tip-like corners
+    # inside the band (an edge search may stop one layer short at a tray or wall)
+    inband = (q[:, 0] >= ext_u[0] - 4) & (q[:, 0] <= ext_u[1] + 4)
+    if inband.any():
+        ext_v = (min(ext_v[0], q[inband, 1].min()), max(ext_v[1], q[inband, 1].max()))
+
+    # window coords -> full-resolution image
+    scale = f * fp
+    m = p.margin_px
+    u0, u1 = (np.array(ext_u) - lu) * scale
+    v0f, v1f = (np.array(ext_v) - lv) * scale
+    size = (float(u1 - u0 + 2 * m), float(v1f - v0f + 2 * m))
+    mid = np.array([(u0 + u1) / 2, (v0f + v1f) / 2])
+    c_full = (c_p + 0.5) * scale - 0.5 + R @ mid
+    res = RoiResult(ok=True, direction=direction, angle_deg=phi, centre=c_full, size=size, window=(lo, hi))
+    poly = res.polygon()
+    x0, y0 = np.floor(poly.min(0)).astype(int)
+    x1, y1 = np.ceil(poly.max(0)).astype(int) + 1
+    res.box = (max(int(x0), 0), max(int(y0), 0), min(int(x1), W), min(int(y1), H))
+    _full_res_corners(img, res, p)
+    return res
+
+
+def _brighter_side(g: np.ndarray, centre: np.ndarray, ax: np.ndarray, half: int) -> int:
+    """+1 if the image is brighter ahead of ``centre`` along ``ax`` than behind it."""
+    s = np.arange(4, half + 1, 2, dtype=np.float32)
+    w = np.arange(-half, half + 1, 4, dtype=np.float32)
+    perp = np.array([-ax[1], ax[0]], np.float32)
+    grid = centre[None, None, :] + w[None, :, None] * perp  # (1, Wn, 2)
+
+    def mean_at(sign: float) -> float:
+        pts = grid + sign * s[:, None, None] * ax
+        xs = np.clip(np.rint(pts[..., 0]).astype(int), 0, g.shape[1] - 1)
+        ys = np.clip(np.rint(pts[..., 1]).astype(int), 0, g.shape[0] - 1)
+        return float(g[ys, xs].mean())
+
+    diff = mean_at(1.0) - mean_at(-1.0)
+    return 0 if abs(diff) < 8 else (1 if diff > 0 else -1)
+
+
+def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] | None:
+    """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
+
+    The intensity accumulated over the stack rises at the cathode ends and again at the
+    anode tips.  Starting from the rising transition nearest the anchor (the cluster's u
+    range), neighbouring rising transitions are added as long as no strong falling one (a
+    wall, a tray end) lies between them.  Returns ``(start, end)`` in window columns.
+    """
+    if v1 - v0 < 3:
+        return None
+    # The profile is a mean over many rows of the 8-bit window, so its noise is far below
+    # 1 grey level per px: steps are judged in absolute grey levels per px, not relative
+    # to the largest step (which may belong to a wall).
+    d = np.gradient(_smooth(win[v0:v1].mean(axis=0), 5))
+    pos = _runs(d > STEP_RUN)
+    if len(pos):
+        pos = pos[np.array([d[a:b].max() for a, b in pos]) >= STEP_STRONG]  # a handful of runs
+    neg = _runs(d < -STEP_BLOCK)
+    if len(pos) == 0:
+        return None
+    mid = 0.5 * (anchor[0] + anchor[1])
+    gap = np.maximum(pos[:, 0] - anchor[1], anchor[0] - pos[:, 1]).clip(0)
+    i = int(np.argmin(gap + 1e-3 * np.abs((pos[:, 0] + pos[:, 1]) / 2 - mid)))  # nearest, then most central
+    lo_i = hi_i = i
+
+    def blocked(a: int, b: int) -> bool:  # a strong falling run strictly between columns a, b
+        return bool(len(neg)) and bool(((neg[:, 0] >= a) & (neg[:, 1] <= b)).any())
+
+    while lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
+        lo_i -= 1
+    while hi_i < len(pos) - 1 and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]):
+        hi_i += 1
+    return float(pos[lo_i, 0]), float(pos[hi_i, 1])
+
+
+def _edge(d: np.ndarray, at: float, reach: float, sign: int, frac: float = 0.2) -> float | None:
+    """Outer end of the strongest ``sign`` transition of ``d`` within ``reach`` of ``at``:
+    rising (sign +1) edges extend towards smaller indices, falling ones towards larger."""
+    lo, hi = max(int(at - reach), 0), min(int(at + reach) + 1, len(d))
+    if hi <= lo:
+        return None
+    k = lo + int(np.argmax(sign * d[lo:hi]))
+    peak = sign * d[k]
+    if peak <= 0:
+        return None
+    if sign > 0:
+        below = np.flatnonzero(d[:k] <= frac * peak)
+        return float(below[-1] + 1 if len(below) else 0)
+    below = np.flatnonzero(-d[k:] <= frac * peak)
+    return float(k + below[0] if len(below) else len(d))
+
+
+def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, reach: float) -> tuple[float, float] | None:
+    """Stack edges along v: where the layer-edge energy (|d/dv|, accumulated along u over
+    the band) rises (first layer) and falls (last layer), near the outermost corners."""
+    a, b = int(ext_u[0]), int(math.ceil(ext_u[1]))
+    if b - a < 2:
+        return None
+    e = _smooth(np.abs(np.diff(win[:, a:b], axis=0)).mean(axis=1), 5)
+    d = np.gradient(e)
+    top = _edge(d, anchor[0], reach, +1)
+    bot = _edge(d, anchor[1], reach, -1)
+    if top is None or bot is None or bot - top < 3:
+        return None
+    return top, bot + 1.0
+
+
+def _full_res_corners(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:
+    """Fill ``res.corners`` with Q: the ``n_corners`` strongest full-resolution FAST corners
+    inside the ROI, refined with ``cornerSubPix``."""
+    x0, y0, x1, y1 = res.box
+    crop = to_8bit(img[y0:y1, x0:x1], *res.window)
+    pts, resp = fast_corners(crop, p.fast_threshold_full, 4 * p.n_corners)
+    if len(pts):
+        inside = res.contains(pts + (x0, y0))
+        pts, resp = pts[inside], resp[inside]
+    if len(pts) > p.n_corners:
+        keep = np.argpartition(-resp, p.n_corners - 1)[: p.n_corners]
+        pts, resp = pts[keep], resp[keep]
+    if len(pts):
+        angles = ofast_orientation(crop, pts, p.orient_radius)
+        w = p.subpix_win
+        crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 0.01)
+        pts = cv2.cornerSubPix(crop, pts.reshape(-1, 1, 2).copy(), (w, w), (-1, -1), crit).reshape(-1, 2)
+        res.corners = pts + np.array([x0, y0], np.float32)
+        res.corner_scores = resp.astype(np.float32)
+        res.corner_angles = angles
+
+
+def detect_rois(frames: list[np.ndarray], p: RoiParams = RoiParams()) -> list[RoiResult]:
+    """Batch API: stage 1 on each frame ``(H_i, W_i)``."""
+    return [detect_roi(f, p) for f in frames]
