@@ -53,6 +53,7 @@ class RoiParams:
     percentiles: tuple[float, float] = (0.5, 99.5)
     margin_px: float = 24.0  # added to every side of the transitions, full-resolution px
     min_corners: int = 12  # fewer corners in the cluster: no band
+    strong_frac: float = 0.25  # coarse corners kept for clustering: response >= this x the 8th-best
     min_contrast: float = 0.1  # (hi - lo) / hi below this: blank
     max_clipped: float = 0.985  # share of pixels at the dtype's maximum above this: saturated
     orient_radius: int = 7  # oFAST patch radius
@@ -256,6 +257,14 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     pts, resp = fast_corners(g, p.fast_threshold, p.n_coarse)
     if len(pts) < p.min_corners:
         return _fail("no_band", f"{len(pts)} corners", (lo, hi))
+    # Tip corners are high-contrast (a dark needle end against the bright background);
+    # the body's layer texture and detector noise give many weak ones that would chain the
+    # whole frame into one cluster.  Keep the strong ones, relative to a robust top response.
+    ref = float(np.partition(resp, len(resp) - 8)[len(resp) - 8]) if len(resp) >= 8 else float(resp.max())
+    strong = resp >= p.strong_frac * ref
+    pts, resp = pts[strong], resp[strong]
+    if len(pts) < p.min_corners:
+        return _fail("no_band", f"{len(pts)} strong corners", (lo, hi))
     centre, members = cluster_centre(pts, resp, g.shape, link=64.0 / f)
     if members.sum() < p.min_corners:
         return _fail("no_band", f"densest cluster has {int(members.sum())} corners", (lo, hi))
@@ -268,12 +277,16 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
     ax = np.array([math.cos(axis), math.sin(axis)])
     angles = ofast_orientation(g, pts[members], p.orient_radius)
+    # Tip direction: the tips' oFAST orientations look at the bright side ahead of them
+    # (measured: right in every conflict with the body-side test, which a can wall just
+    # past the tips can fool); the darker body behind the tips decides when they are split.
     vote = float(np.cos(angles - axis).mean())  # > 0: corners look along +axis
-    sign = _brighter_side(g, centre, ax, half)
-    if sign == 0:
+    if abs(vote) >= 0.3:
         sign = 1 if vote > 0 else -1
-    if abs(vote) > 0.25 and np.sign(vote) != sign:
-        return _fail("ambiguous_direction", f"body side says {sign:+d}, corner orientations {vote:+.2f}", (lo, hi))
+    else:
+        sign = _brighter_side(g, centre, ax, min(half, 40))
+        if sign == 0:
+            return _fail("ambiguous_direction", f"corner orientations {vote:+.2f}, no darker side", (lo, hi))
     # refine the layer angle where the layers run straight: half a band back into the body
     back = centre - sign * ax * (half / 2)
     axis2, coh2 = layer_axis_angle(g, back, half)
@@ -298,13 +311,13 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if tiplike.sum() < p.min_corners // 2:
         return _fail("no_band", f"only {int(tiplike.sum())} tip-like corners", (lo, hi))
     q = ((pts[members][tiplike] + 0.5) / fp - 0.5 - c_p) @ R + np.array([lu, lv])  # window coords
-    cu = np.percentile(q[:, 0], [5, 95])
+    cu = float(np.median(q[:, 0]))
     cv = np.percentile(q[:, 1], [2, 98])
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
     ext_u = _u_extent(win, v0, v1, cu)
     if ext_u is None:
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
-    ext_v = _v_extent(win, ext_u, (cv[0], cv[1]), reach=max(8.0, 0.1 * (cv[1] - cv[0])))
+    ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
     if ext_v is None:
         return _fail("no_band", "no stack edges across the layers", (lo, hi))
     ext_u = _u_extent(win, int(ext_v[0]), int(ext_v[1]), cu) or ext_u
@@ -351,68 +364,73 @@ def _brighter_side(g: np.ndarray, centre: np.ndarray, ax: np.ndarray, half: int)
 def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] | None:
     """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
 
-    The intensity accumulated over the stack rises at the cathode ends and again at the
-    anode tips.  Starting from the rising transition nearest the anchor (the cluster's u
-    range), neighbouring rising transitions are added as long as no strong falling one (a
-    wall, a tray end) lies between them.  Returns ``(start, end)`` in window columns.
+    The intensity accumulated over the stack rises at the cathode ends (body -> band) and
+    again at the anode tips (band -> background).  From the rising transition nearest the
+    anchor (the tip-like corners' median u), earlier rising transitions are added until one
+    starts at the body's level (that is the cathode step), later ones until one reaches the
+    background's level (the anode step); a strong falling transition (a wall, a tray end)
+    stops the search.  Returns ``(start, end)`` in window columns.
     """
     if v1 - v0 < 3:
         return None
     # The profile is a mean over many rows of the 8-bit window, so its noise is far below
     # 1 grey level per px: steps are judged in absolute grey levels per px, not relative
     # to the largest step (which may belong to a wall).
-    d = np.gradient(_smooth(win[v0:v1].mean(axis=0), 5))
+    prof = _smooth(win[v0:v1].mean(axis=0), 5)
+    d = np.gradient(prof)
     pos = _runs(d > STEP_RUN)
     if len(pos):
         pos = pos[np.array([d[a:b].max() for a, b in pos]) >= STEP_STRONG]  # a handful of runs
     neg = _runs(d < -STEP_BLOCK)
     if len(pos) == 0:
         return None
-    mid = 0.5 * (anchor[0] + anchor[1])
-    gap = np.maximum(pos[:, 0] - anchor[1], anchor[0] - pos[:, 1]).clip(0)
-    i = int(np.argmin(gap + 1e-3 * np.abs((pos[:, 0] + pos[:, 1]) / 2 - mid)))  # nearest, then most central
-    lo_i = hi_i = i
+    gap = np.maximum(pos[:, 0] - anchor, anchor - pos[:, 1]).clip(0)
+    i = int(np.argmin(gap + 1e-3 * np.abs((pos[:, 0] + pos[:, 1]) / 2 - anchor)))  # nearest, then most central
+    body = float(np.percentile(prof[: pos[i, 1]], 10))
+    background = float(np.percentile(prof[pos[i, 0]:], 90))
+    tol = 0.15 * (background - body)
+    last = len(prof) - 1
 
-    def blocked(a: int, b: int) -> bool:  # a strong falling run strictly between columns a, b
+    def blocked(a: int, b: int) -> bool:  # a strong falling run between columns a and b
         return bool(len(neg)) and bool(((neg[:, 0] >= a) & (neg[:, 1] <= b)).any())
 
-    while lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
+    lo_i = hi_i = i
+    while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
         lo_i -= 1
-    while hi_i < len(pos) - 1 and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]):
+    while prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1 \
+            and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]):
         hi_i += 1
     return float(pos[lo_i, 0]), float(pos[hi_i, 1])
 
 
-def _edge(d: np.ndarray, at: float, reach: float, sign: int, frac: float = 0.2) -> float | None:
-    """Outer end of the strongest ``sign`` transition of ``d`` within ``reach`` of ``at``:
-    rising (sign +1) edges extend towards smaller indices, falling ones towards larger."""
-    lo, hi = max(int(at - reach), 0), min(int(at + reach) + 1, len(d))
-    if hi <= lo:
-        return None
-    k = lo + int(np.argmax(sign * d[lo:hi]))
-    peak = sign * d[k]
-    if peak <= 0:
-        return None
-    if sign > 0:
-        below = np.flatnonzero(d[:k] <= frac * peak)
-        return float(below[-1] + 1 if len(below) else 0)
-    below = np.flatnonzero(-d[k:] <= frac * peak)
-    return float(k + below[0] if len(below) else len(d))
+def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,
+              cap: int = 16) -> tuple[float, float] | None:
+    """Stack edges along v: the layer-edge energy (|d/dv| accumulated along u over the band)
+    is high across the stack and falls to the background's level past its outer layers.
 
-
-def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, reach: float) -> tuple[float, float] | None:
-    """Stack edges along v: where the layer-edge energy (|d/dv|, accumulated along u over
-    the band) rises (first layer) and falls (last layer), near the outermost corners."""
+    An edge is the start of the first run, outward from the anchor (the tip-like corners'
+    v range), where the energy stays below a quarter of its in-stack level for at least
+    ``min_gap`` px: longer than any gap between two layers (<= 9 px at this scale), so the
+    dips between layers never end the stack early.  The outermost tips are corners too, so
+    an edge is never searched more than ``cap`` px (about two layer pitches) beyond the
+    anchor: a wall or tray right next to the stack cannot stretch the ROI.
+    Returns ``(top, bottom)`` rows.
+    """
     a, b = int(ext_u[0]), int(math.ceil(ext_u[1]))
     if b - a < 2:
         return None
-    e = _smooth(np.abs(np.diff(win[:, a:b], axis=0)).mean(axis=1), 5)
-    d = np.gradient(e)
-    top = _edge(d, anchor[0], reach, +1)
-    bot = _edge(d, anchor[1], reach, -1)
-    if top is None or bot is None or bot - top < 3:
+    e = _smooth(np.abs(np.diff(win[:, a:b], axis=0)).mean(axis=1), 3)  # e[i]: between rows i, i+1
+    lo_a, hi_a = int(max(anchor[0], 0)), int(min(anchor[1] + 1, len(e)))
+    if hi_a - lo_a < 2:
         return None
-    return top, bot + 1.0
+    level = float(np.median(e[lo_a:hi_a]))
+    runs = _runs(e < 0.25 * level)
+    runs = runs[runs[:, 1] - runs[:, 0] >= min_gap] if len(runs) else runs
+    below = runs[runs[:, 0] >= hi_a - 1] if len(runs) else runs
+    above = runs[runs[:, 1] <= lo_a + 1] if len(runs) else runs
+    top = float(above[:, 1].max()) if len(above) else 0.0
+    bottom = float(below[:, 0].min()) + 1.0 if len(below) else float(len(e) + 1)
+    return max(top, lo_a - cap), min(bottom, hi_a + cap)
 
 
 def _full_res_corners(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:
