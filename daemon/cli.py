@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_feed)
 
     s = sub.add_parser("bench", help="measure stage speed on this machine (docs/benchmarks.md)")
-    s.add_argument("--stage", default="all", help="phantom | all")
+    s.add_argument("--stage", default="all", help="phantom | roi | all")
     s.add_argument("--n", type=int, default=20, help="frames per variant")
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)

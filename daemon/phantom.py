@@ -257,8 +257,10 @@ def sample_scene(
     size: tuple[int, int] = (1024, 1024),
     orientation: int | None = None,
     cell: CellParams | None = None,
+    rotation_deg: float | None = None,
 ) -> Scene:
-    """Draw one corner scene.  ``orientation`` 0..3 = tips right/down/left/up (random if None)."""
+    """Draw one corner scene.  ``orientation`` 0..3 = tips right/down/left/up and
+    ``rotation_deg`` about the tip band (random within the preset's range if None)."""
     W, H = size
     cell = cell or sample_cell(rng, spec, size)
     orient = int(rng.integers(4)) if orientation is None else int(orientation)
@@ -324,7 +326,7 @@ def sample_scene(
     fill_tau = np.where(kind == CATHODE, cell.fill_tau, 0.0)
 
     # Place the tip band in the canonical frame and the rotation about its centre.
-    theta = float(rng.uniform(-spec.rotation_deg, spec.rotation_deg))
+    theta = float(rng.uniform(-spec.rotation_deg, spec.rotation_deg)) if rotation_deg is None else float(rotation_deg)
     R = _rot(90.0 * orient)
     c_can = np.array([(Wc - 1) / 2, (Hc - 1) / 2])
     c_img = np.array([(W - 1) / 2, (H - 1) / 2])

@@ -56,8 +56,10 @@ class RoiParams:
     strong_frac: float = 0.25  # coarse corners kept for clustering: response >= this x the 8th-best
     min_contrast: float = 0.1  # (hi - lo) / hi below this: blank
     max_clipped: float = 0.985  # share of pixels at the dtype's maximum above this: saturated
-    orient_radius: int = 7  # oFAST patch radius
+    orient_radius: int = 7  # oFAST patch radius at the coarse scale
+    orient_radius_full: int = 5  # ... and for Q at full resolution
     subpix_win: int = 2  # cornerSubPix half window
+    subpix_iter: int = 6  # cornerSubPix iterations (converges in 3-5 on tips)
 
 
 @dataclass
@@ -141,17 +143,18 @@ def _disc(radius: int) -> np.ndarray:
 
 def ofast_orientation(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.ndarray:
     """Intensity-centroid orientation (ORB) of each keypoint, ``(K,) float32`` radians:
-    the angle of ``(m10, m01)`` over a disc of ``radius``; 0 = towards +x.  Vectorised."""
+    the angle of ``(m10, m01)`` over a disc of ``radius``; 0 = towards +x.  Vectorised:
+    one gather of all patches from the edge-replicated image, two mat-vec products."""
     if len(pts) == 0:
         return np.zeros(0, np.float32)
     off = _disc(radius)
-    c = np.rint(pts).astype(np.int32)
-    xs = np.clip(c[:, None, 0] + off[None, :, 0], 0, g8.shape[1] - 1)
-    ys = np.clip(c[:, None, 1] + off[None, :, 1], 0, g8.shape[0] - 1)
-    patch = g8[ys, xs].astype(np.float32)  # (K, P)
-    m10 = patch @ off[:, 0].astype(np.float32)
-    m01 = patch @ off[:, 1].astype(np.float32)
-    return np.arctan2(m01, m10).astype(np.float32)
+    pad = cv2.copyMakeBorder(g8, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
+    wp = pad.shape[1]
+    c = np.clip(np.rint(pts).astype(np.int64), 0, [g8.shape[1] - 1, g8.shape[0] - 1])
+    idx = ((c[:, 1] + radius) * wp + (c[:, 0] + radius))[:, None] + (off[:, 1] * wp + off[:, 0])[None, :]
+    patch = np.take(pad.ravel(), idx).astype(np.float32)  # (K, P)
+    m = patch @ off.astype(np.float32)  # (K, 2): m10, m01
+    return np.arctan2(m[:, 1], m[:, 0]).astype(np.float32)
 
 
 def ofast_orientation_serial(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.ndarray:
@@ -226,6 +229,11 @@ def _smooth(p: np.ndarray, k: int) -> np.ndarray:
     return np.convolve(np.pad(p, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
 
 
+def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """``(R,)`` maximum of ``d`` over each ``[start, end)`` run (runs are non-empty, sorted)."""
+    return np.maximum.reduceat(np.r_[d, -np.inf], runs.ravel())[::2]
+
+
 def _runs(mask: np.ndarray) -> np.ndarray:
     """``(R, 2)`` [start, end) of the True runs of a 1-D bool array."""
     d = np.diff(np.r_[0, mask.astype(np.int8), 0])
@@ -272,7 +280,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     # layer axis and tip direction
     spread = np.ptp(pts[members], axis=0).max()
     half = int(np.clip(spread, 16, max(g.shape) // 3))
-    axis, coh = layer_axis_angle(g, centre, half)
+    axis, coh = layer_axis_angle(g, centre, min(half, 48))
     if coh < 0.2:
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
     ax = np.array([math.cos(axis), math.sin(axis)])
@@ -287,11 +295,6 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         sign = _brighter_side(g, centre, ax, min(half, 40))
         if sign == 0:
             return _fail("ambiguous_direction", f"corner orientations {vote:+.2f}, no darker side", (lo, hi))
-    # refine the layer angle where the layers run straight: half a band back into the body
-    back = centre - sign * ax * (half / 2)
-    axis2, coh2 = layer_axis_angle(g, back, half)
-    if coh2 > coh and abs(math.remainder(axis2 - axis, math.pi)) < math.radians(10):
-        axis = axis + math.remainder(axis2 - axis, math.pi)
     phi = (math.degrees(axis) + (0.0 if sign > 0 else 180.0) + 45.0) % 360.0 - 45.0
     direction = int(round(phi / 90.0)) % 4
 
@@ -300,10 +303,10 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     prof = cv2.resize(g, (g.shape[1] // fp, g.shape[0] // fp), interpolation=cv2.INTER_AREA) if fp > 1 else g
     c_p = (centre + 0.5) / fp - 0.5
     side = max(prof.shape)
-    lu, lv = int(0.45 * side), int(0.75 * side)
+    lu, lv = int(0.35 * side), int(0.65 * side)
     R = _rot(phi)
     M = np.hstack([R, (c_p - R @ np.array([lu, lv]))[:, None]]).astype(np.float32)
-    win = cv2.warpAffine(prof, M, (2 * lu + 1, 2 * lv + 1), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    win = cv2.warpAffine(prof, M, (2 * lu + 1, 2 * lv + 1), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
     # tip-like corners: their oFAST orientation looks along the tips (the bright side is
     # ahead); corners along the body's layer lines or on fixtures mostly do not
@@ -320,7 +323,6 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
     if ext_v is None:
         return _fail("no_band", "no stack edges across the layers", (lo, hi))
-    ext_u = _u_extent(win, int(ext_v[0]), int(ext_v[1]), cu) or ext_u
     # the tips are corners: across the stack the ROI always covers the tip-like corners
     # inside the band (an edge search may stop one layer short at a tray or wall)
     inband = (q[:, 0] >= ext_u[0] - 4) & (q[:, 0] <= ext_u[1] + 4)
@@ -380,14 +382,14 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     d = np.gradient(prof)
     pos = _runs(d > STEP_RUN)
     if len(pos):
-        pos = pos[np.array([d[a:b].max() for a, b in pos]) >= STEP_STRONG]  # a handful of runs
+        pos = pos[_run_max(d, pos) >= STEP_STRONG]
     neg = _runs(d < -STEP_BLOCK)
     if len(pos) == 0:
         return None
     gap = np.maximum(pos[:, 0] - anchor, anchor - pos[:, 1]).clip(0)
     i = int(np.argmin(gap + 1e-3 * np.abs((pos[:, 0] + pos[:, 1]) / 2 - anchor)))  # nearest, then most central
-    body = float(np.percentile(prof[: pos[i, 1]], 10))
-    background = float(np.percentile(prof[pos[i, 0]:], 90))
+    body = float(prof[: pos[i, 1]].min())  # the profile is smoothed: min/max are robust
+    background = float(prof[pos[i, 0]:].max())
     tol = 0.15 * (background - body)
     last = len(prof) - 1
 
@@ -446,9 +448,9 @@ def _full_res_corners(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:
         keep = np.argpartition(-resp, p.n_corners - 1)[: p.n_corners]
         pts, resp = pts[keep], resp[keep]
     if len(pts):
-        angles = ofast_orientation(crop, pts, p.orient_radius)
+        angles = ofast_orientation(crop, pts, p.orient_radius_full)
         w = p.subpix_win
-        crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 0.01)
+        crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, p.subpix_iter, 0.03)
         pts = cv2.cornerSubPix(crop, pts.reshape(-1, 1, 2).copy(), (w, w), (-1, -1), crit).reshape(-1, 2)
         res.corners = pts + np.array([x0, y0], np.float32)
         res.corner_scores = resp.astype(np.float32)
