@@ -120,6 +120,23 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_roi(a: argparse.Namespace) -> int:
+    from .evaluate import roi_accuracy
+
+    results = []
+    for preset in a.preset:
+        def progress(done: int, total: int, preset=preset) -> None:
+            if done % 50 == 0 or done == total:
+                print(f"  {preset}: {done}/{total}", file=sys.stderr, flush=True)
+
+        res = roi_accuracy(preset, a.n, tuple(a.size), a.bits, a.margin, a.jobs or None, progress)
+        results.append(res)
+        print(json.dumps(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polecheck", description="In-line X-ray electrode overhang inspection")
     p.add_argument("--version", action="version", version=f"polecheck {__version__}")
@@ -157,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)
     s.add_argument("--json", default=None, help="also write the results here")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("eval-roi", help="stage-1 accuracy on fresh phantoms (docs/accuracy.md)")
+    s.add_argument("--preset", nargs="+", default=["normal", "hard"], choices=["normal", "hard", "defects"])
+    s.add_argument("--n", type=int, default=500)
+    s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
+    s.add_argument("--bits", type=int, choices=[8, 16], default=16)
+    s.add_argument("--margin", type=float, default=8.0, help="px every tip must be inside the ROI")
+    s.add_argument("--jobs", type=int, default=0)
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=cmd_eval_roi)
 
     s = sub.add_parser("check-config", help="validate a config file and print the effective config")
     s.add_argument("file", nargs="?", default=None)

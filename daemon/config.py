@@ -55,6 +55,25 @@ class IngestConfig(Strict):
     _check_endpoint = field_validator("endpoint")(classmethod(lambda cls, v: _endpoint(v)))
 
 
+class RoiConfig(Strict):
+    """Stage 1 (roi_corners): oFAST corners, ROI, tip direction, corner set Q."""
+
+    n_corners: int = Field(512, ge=64, le=1024, description="N: size of the corner set Q for the fusion")
+    coarse_side: int = Field(512, ge=256, le=2048, description="longest side of the coarse detection image")
+    margin_px: float = Field(24.0, ge=0, le=256, description="added to every side of the detected band")
+    fast_threshold: int = Field(10, ge=1, le=100, description="FAST threshold on the 8-bit window (coarse)")
+    fast_threshold_full: int = Field(12, ge=1, le=100, description="FAST threshold at full resolution (Q)")
+    low_percentile: float = Field(0.5, ge=0, lt=50, description="robust window: dark end")
+    high_percentile: float = Field(99.5, gt=50, le=100, description="robust window: bright end")
+
+    def params(self):
+        from .roi import RoiParams
+
+        return RoiParams(n_corners=self.n_corners, coarse_side=self.coarse_side, margin_px=self.margin_px,
+                         fast_threshold=self.fast_threshold, fast_threshold_full=self.fast_threshold_full,
+                         percentiles=(self.low_percentile, self.high_percentile))
+
+
 class RecipeConfig(Strict):
     """Acceptance rules for one cell type."""
 
@@ -101,6 +120,7 @@ class LogConfig(Strict):
 
 class Config(Strict):
     ingest: IngestConfig = IngestConfig()
+    roi: RoiConfig = RoiConfig()
     recipe: RecipeConfig = RecipeConfig()
     feed: FeedConfig = FeedConfig()
     log: LogConfig = LogConfig()

@@ -52,7 +52,7 @@ class RoiParams:
     fast_threshold_full: int = 12  # FAST threshold at full resolution
     percentiles: tuple[float, float] = (0.5, 99.5)
     margin_px: float = 24.0  # added to every side of the transitions, full-resolution px
-    min_corners: int = 12  # fewer corners in the cluster: no band
+    min_corners: int = 6  # fewer corners in the cluster: no band (a 9-layer stack has 9 tips)
     strong_frac: float = 0.25  # coarse corners kept for clustering: response >= this x the 8th-best
     min_contrast: float = 0.1  # (hi - lo) / hi below this: blank
     max_clipped: float = 0.985  # share of pixels at the dtype's maximum above this: saturated
@@ -224,6 +224,33 @@ def layer_axis_angle(g: np.ndarray, centre: np.ndarray, half: int) -> tuple[floa
     return axis, coh
 
 
+def layer_axis_at_corners(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tuple[float, float]:
+    """Layer axis from the structure tensor summed over small patches around corners.
+
+    Around a tip the layer's own long edges and its neighbours' dominate; a fixture's
+    corner has two perpendicular edges and adds no coherent direction, and a wall next to
+    the band covers only the few patches that touch it.  Returns ``(angle, coherence)``
+    like ``layer_axis_angle``.  ``pts`` ``(K, 2)``; one gather of ``(K, 2r+3, 2r+3)``.
+    """
+    r = radius + 1
+    d = np.arange(-r, r + 1)
+    pad = cv2.copyMakeBorder(g, r, r, r, r, cv2.BORDER_REPLICATE)
+    wp = pad.shape[1]
+    c = np.clip(np.rint(pts).astype(np.int64), 0, [g.shape[1] - 1, g.shape[0] - 1])
+    base = (c[:, 1] + r) * wp + (c[:, 0] + r)
+    idx = base[:, None, None] + (d[:, None] * wp + d[None, :])[None]
+    patch = np.take(pad.ravel(), idx).astype(np.float32)  # (K, 2r+1, 2r+1)
+    gx = 0.5 * (patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])
+    gy = 0.5 * (patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1])
+    jxx, jyy, jxy = float((gx * gx).sum()), float((gy * gy).sum()), float((gx * gy).sum())
+    grad = 0.5 * math.atan2(2 * jxy, jxx - jyy)
+    coh = math.hypot(jxx - jyy, 2 * jxy) / max(jxx + jyy, 1e-9)
+    axis = grad + math.pi / 2
+    if axis > math.pi / 2:
+        axis -= math.pi
+    return axis, coh
+
+
 def _smooth(p: np.ndarray, k: int) -> np.ndarray:
     k = max(1, int(k)) | 1
     return np.convolve(np.pad(p, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
@@ -281,6 +308,9 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     spread = np.ptp(pts[members], axis=0).max()
     half = int(np.clip(spread, 16, max(g.shape) // 3))
     axis, coh = layer_axis_angle(g, centre, min(half, 48))
+    axis_c, coh_c = layer_axis_at_corners(g, pts[members])
+    if coh_c > coh:  # walls or fixtures in the centre patch: trust the corners' surroundings
+        axis, coh = axis_c, coh_c
     if coh < 0.2:
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
     ax = np.array([math.cos(axis), math.sin(axis)])

@@ -39,6 +39,8 @@ def test_default_file_equals_the_model_defaults():
     ("feed:\n  size: [64, 64]\n", "feed.size"),
     ("feed:\n  bits: 12\n", "feed.bits"),
     ("log:\n  level: chatty\n", "log.level"),
+    ("roi:\n  n_corners: 2048\n", "roi.n_corners"),
+    ("roi:\n  n_corners: 32\n", "roi.n_corners"),
 ])
 def test_errors_name_the_key(tmp_path, text, path):
     with pytest.raises(ConfigError) as ei:
@@ -52,6 +54,12 @@ def test_duplicate_keys_are_errors(tmp_path):
         _load(tmp_path, "recipe:\n  name: a\n  overhang_min_um: 700\n  name: b\n")
     assert _paths(ei.value) == ["recipe.name"]
     assert "line 4" in str(ei.value)
+
+
+def test_roi_section_builds_the_stage_parameters(tmp_path):
+    cfg = _load(tmp_path, "roi:\n  n_corners: 256\n  margin_px: 16\n")
+    p = cfg.roi.params()
+    assert p.n_corners == 256 and p.margin_px == 16.0 and p.percentiles == (0.5, 99.5)
 
 
 def test_env_overrides(tmp_path):
@@ -90,3 +98,9 @@ def test_check_config_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "daemon.cli", "check-config", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "ingest.hwm" in out.stderr
+
+
+def test_roi_defaults_match_the_stage_defaults():
+    from daemon.roi import RoiParams
+
+    assert Config().roi.params() == RoiParams()
