@@ -129,7 +129,7 @@ def cmd_eval_roi(a: argparse.Namespace) -> int:
             if done % 50 == 0 or done == total:
                 print(f"  {preset}: {done}/{total}", file=sys.stderr, flush=True)
 
-        res = roi_accuracy(preset, a.n, tuple(a.size), a.bits, a.margin, a.jobs or None, progress)
+        res = roi_accuracy(preset, a.n, tuple(a.size), a.bits, a.margin, a.jobs or None, progress, a.seed_root)
         results.append(res)
         print(json.dumps(res))
     if a.json:
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)
     s.add_argument("--margin", type=float, default=8.0, help="px every tip must be inside the ROI")
+    s.add_argument("--seed-root", type=int, default=None, help="another seed set (development); default: the evaluation set")
     s.add_argument("--jobs", type=int, default=0)
     s.add_argument("--json", default=None)
     s.set_defaults(fn=cmd_eval_roi)

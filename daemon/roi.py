@@ -54,6 +54,7 @@ class RoiParams:
     margin_px: float = 24.0  # added to every side of the transitions, full-resolution px
     min_corners: int = 6  # fewer corners in the cluster: no band (a 9-layer stack has 9 tips)
     strong_frac: float = 0.25  # coarse corners kept for clustering: response >= this x the 8th-best
+    min_coherence: float = 0.08  # structure-tensor coherence below this: no layer direction, no band
     min_contrast: float = 0.1  # (hi - lo) / hi below this: blank
     max_clipped: float = 0.985  # share of pixels at the dtype's maximum above this: saturated
     orient_radius: int = 7  # oFAST patch radius at the coarse scale
@@ -311,7 +312,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     axis_c, coh_c = layer_axis_at_corners(g, pts[members])
     if coh_c > coh:  # walls or fixtures in the centre patch: trust the corners' surroundings
         axis, coh = axis_c, coh_c
-    if coh < 0.2:
+    if coh < p.min_coherence:
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
     ax = np.array([math.cos(axis), math.sin(axis)])
     angles = ofast_orientation(g, pts[members], p.orient_radius)
