@@ -142,6 +142,18 @@ def _disc(radius: int) -> np.ndarray:
     return np.stack([dx[m], dy[m]], 1)  # (P, 2)
 
 
+def gather_patches(img: np.ndarray, pts: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """Pixels of ``img`` ``(H, W)`` at ``off`` ``(..., 2) int (dx, dy)`` around each of
+    ``pts`` ``(K, 2)`` (rounded), edge-replicated: ``(K, ...) float32``, one gather."""
+    r = int(np.abs(off).max())
+    pad = cv2.copyMakeBorder(img, r, r, r, r, cv2.BORDER_REPLICATE)
+    wp = pad.shape[1]
+    c = np.clip(np.rint(pts).astype(np.int64), 0, [img.shape[1] - 1, img.shape[0] - 1])
+    base = (c[:, 1] + r) * wp + (c[:, 0] + r)
+    idx = base.reshape((-1,) + (1,) * (off.ndim - 1)) + (off[..., 1] * wp + off[..., 0])[None]
+    return np.take(pad.ravel(), idx).astype(np.float32)
+
+
 def ofast_orientation(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.ndarray:
     """Intensity-centroid orientation (ORB) of each keypoint, ``(K,) float32`` radians:
     the angle of ``(m10, m01)`` over a disc of ``radius``; 0 = towards +x.  Vectorised:
@@ -149,12 +161,7 @@ def ofast_orientation(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.nd
     if len(pts) == 0:
         return np.zeros(0, np.float32)
     off = _disc(radius)
-    pad = cv2.copyMakeBorder(g8, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
-    wp = pad.shape[1]
-    c = np.clip(np.rint(pts).astype(np.int64), 0, [g8.shape[1] - 1, g8.shape[0] - 1])
-    idx = ((c[:, 1] + radius) * wp + (c[:, 0] + radius))[:, None] + (off[:, 1] * wp + off[:, 0])[None, :]
-    patch = np.take(pad.ravel(), idx).astype(np.float32)  # (K, P)
-    m = patch @ off.astype(np.float32)  # (K, 2): m10, m01
+    m = gather_patches(g8, pts, off) @ off.astype(np.float32)  # (K, 2): m10, m01
     return np.arctan2(m[:, 1], m[:, 0]).astype(np.float32)
 
 
@@ -214,8 +221,12 @@ def layer_axis_angle(g: np.ndarray, centre: np.ndarray, half: int) -> tuple[floa
     y0, y1 = max(y - half, 0), min(y + half + 1, g.shape[0])
     x0, x1 = max(x - half, 0), min(x + half + 1, g.shape[1])
     patch = g[y0:y1, x0:x1].astype(np.float32)
-    gx = cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3)
+    return _tensor_axis(cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3))
+
+
+def _tensor_axis(gx: np.ndarray, gy: np.ndarray) -> tuple[float, float]:
+    """Structure tensor of gradients ``gx, gy`` (any equal shapes) -> ``(axis, coherence)``:
+    the axis perpendicular to the dominant gradient, in ``(-pi/2, pi/2]``."""
     jxx, jyy, jxy = float((gx * gx).sum()), float((gy * gy).sum()), float((gx * gy).sum())
     grad = 0.5 * math.atan2(2 * jxy, jxx - jyy)
     coh = math.hypot(jxx - jyy, 2 * jxy) / max(jxx + jyy, 1e-9)
@@ -233,23 +244,12 @@ def layer_axis_at_corners(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tu
     the band covers only the few patches that touch it.  Returns ``(angle, coherence)``
     like ``layer_axis_angle``.  ``pts`` ``(K, 2)``; one gather of ``(K, 2r+3, 2r+3)``.
     """
-    r = radius + 1
-    d = np.arange(-r, r + 1)
-    pad = cv2.copyMakeBorder(g, r, r, r, r, cv2.BORDER_REPLICATE)
-    wp = pad.shape[1]
-    c = np.clip(np.rint(pts).astype(np.int64), 0, [g.shape[1] - 1, g.shape[0] - 1])
-    base = (c[:, 1] + r) * wp + (c[:, 0] + r)
-    idx = base[:, None, None] + (d[:, None] * wp + d[None, :])[None]
-    patch = np.take(pad.ravel(), idx).astype(np.float32)  # (K, 2r+1, 2r+1)
+    d = np.arange(-radius - 1, radius + 2)
+    off = np.stack(np.meshgrid(d, d), axis=-1)  # (2r+3, 2r+3, 2): dx, dy
+    patch = gather_patches(g, pts, off)  # (K, 2r+3, 2r+3)
     gx = 0.5 * (patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])
     gy = 0.5 * (patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1])
-    jxx, jyy, jxy = float((gx * gx).sum()), float((gy * gy).sum()), float((gx * gy).sum())
-    grad = 0.5 * math.atan2(2 * jxy, jxx - jyy)
-    coh = math.hypot(jxx - jyy, 2 * jxy) / max(jxx + jyy, 1e-9)
-    axis = grad + math.pi / 2
-    if axis > math.pi / 2:
-        axis -= math.pi
-    return axis, coh
+    return _tensor_axis(gx, gy)
 
 
 def _smooth(p: np.ndarray, k: int) -> np.ndarray:
