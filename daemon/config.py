@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "POLECHECK_"
 RESERVED_ENV = {"POLECHECK_CONFIG"}  # path of the config file, not an override
@@ -42,17 +42,19 @@ def _endpoint(v: str) -> str:
     return v
 
 
+#: a ZeroMQ endpoint that says what to do with it: ``bind:tcp://...`` or ``connect:tcp://...``
+Endpoint = Annotated[str, AfterValidator(_endpoint)]
+
+
 class IngestConfig(Strict):
     """Where frames come from and what a frame may be."""
 
-    endpoint: str = Field("connect:tcp://127.0.0.1:5555", description="camera feed endpoint (bind:/connect:)")
+    endpoint: Endpoint = Field("connect:tcp://127.0.0.1:5555", description="camera feed endpoint (bind:/connect:)")
     socket: Literal["pull", "sub"] = Field("pull", description="pull: lossless back-pressure; sub: fan-out, drops at HWM")
     hwm: int = Field(64, ge=1, le=100_000, description="ZeroMQ high-water mark in messages")
     max_frame_bytes: int = Field(64 * 1024 * 1024, gt=0, le=2**31, description="largest pixel buffer accepted")
     max_side: int = Field(8192, ge=16, le=65536, description="largest image side accepted")
     max_header_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="largest header accepted")
-
-    _check_endpoint = field_validator("endpoint")(classmethod(lambda cls, v: _endpoint(v)))
 
 
 class RoiConfig(Strict):
@@ -94,7 +96,7 @@ class RecipeConfig(Strict):
 class FeedConfig(Strict):
     """The built-in synthetic scanner (`polecheck feed`, the demo)."""
 
-    endpoint: str = Field("bind:tcp://127.0.0.1:5555", description="where the feed publishes")
+    endpoint: Endpoint = Field("bind:tcp://127.0.0.1:5555", description="where the feed publishes")
     socket: Literal["push", "pub"] = Field("push", description="push pairs with ingest.socket=pull")
     scanner_id: str = Field("xray-sim-01", min_length=1, max_length=128)
     preset: Literal["normal", "hard", "defects"] = "normal"
@@ -103,8 +105,6 @@ class FeedConfig(Strict):
     rate_hz: float = Field(20.0, ge=0, le=10000, description="frames per second; 0 = as fast as possible")
     pool_cells: int = Field(8, ge=1, le=4096, description="cells pre-rendered and cycled")
     seed: int = Field(0, ge=0)
-
-    _check_endpoint = field_validator("endpoint")(classmethod(lambda cls, v: _endpoint(v)))
 
     @field_validator("size")
     @classmethod
