@@ -18,7 +18,8 @@ import numpy as np
 from . import __version__
 
 
-def _phantom_job(args: tuple) -> float:
+def _phantom_job(args: tuple) -> tuple[float, str]:
+    """Render and write one labelled frame; returns (render seconds, verdict)."""
     out, i, preset, seed, size, bits, preview = args
     from . import phantom
     from .dataset import write_sample
@@ -31,7 +32,7 @@ def _phantom_job(args: tuple) -> float:
     write_sample(out, name, ph.image, ph.labels)
     if preview:
         cv2.imwrite(str(Path(out) / "previews" / f"{name}.png"), phantom.draw_labels(ph.image, ph.labels))
-    return dt
+    return dt, ph.labels["verdict"]
 
 
 def cmd_phantoms(a: argparse.Namespace) -> int:
@@ -45,16 +46,17 @@ def cmd_phantoms(a: argparse.Namespace) -> int:
     tasks = [(str(out), i, a.preset, a.seed, tuple(a.size), a.bits, i < a.previews) for i in range(a.n)]
     t0 = time.perf_counter()
     if a.jobs == 1:
-        times = [_phantom_job(t) for t in tasks]
+        done = [_phantom_job(t) for t in tasks]
     else:
         with ProcessPoolExecutor(a.jobs or None) as ex:
-            times = list(ex.map(_phantom_job, tasks, chunksize=4))
+            done = list(ex.map(_phantom_job, tasks, chunksize=4))
+    times = [dt for dt, _ in done]
     wall = time.perf_counter() - t0
     (out / "dataset.json").write_text(json.dumps({
         "generator": f"polecheck {__version__}", "preset": a.preset, "seed": a.seed, "n": a.n,
         "size": list(a.size), "bits": a.bits, "names": f"{a.preset}_{a.seed}_NNNNNN",
     }, indent=1))
-    ng = sum(json.loads((out / f"{a.preset}_{a.seed}_{i:06d}.json").read_text())["verdict"] == "NG" for i in range(a.n))
+    ng = sum(verdict == "NG" for _, verdict in done)
     print(f"wrote {a.n} labelled frames ({a.size[0]}x{a.size[1]}, {a.bits}-bit, preset {a.preset}, "
           f"{ng} NG) to {out}/")
     print(f"speed: {1 / np.median(times):.2f} images/s per core (median {np.median(times) * 1000:.0f} ms), "
