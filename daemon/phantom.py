@@ -28,11 +28,12 @@ Note:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 
+from .codec import _rot, apply_affine, invert_affine
 from .rules import OverhangLimits, judge_geometry
 
 ANODE, CATHODE = 0, 1
@@ -185,23 +186,6 @@ class Scene:
 
 def _num(x: float) -> float | None:
     return None if not np.isfinite(x) else round(float(x), 3)
-
-
-def apply_affine(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """Apply a ``(2, 3)`` affine to ``(N, 2)`` points."""
-    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
-    return pts @ m[:, :2].T + m[:, 2]
-
-
-def invert_affine(m: np.ndarray) -> np.ndarray:
-    """Inverse of a ``(2, 3)`` affine."""
-    a = np.linalg.inv(m[:, :2])
-    return np.hstack([a, -a @ m[:, 2:3]])
-
-
-def _rot(deg: float) -> np.ndarray:
-    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-    return np.array([[c, -s], [s, c]])
 
 
 # --------------------------------------------------------------------------- sampling
@@ -757,6 +741,10 @@ def _illumination(scene: Scene) -> np.ndarray:
     W, H = scene.size
     im = scene.imaging
     y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    if "view" in im:  # a crop of the frame: evaluate the frame's illumination there
+        m = invert_affine(im["view"])
+        x, y = (m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2])
+        W, H = im["frame_size"]
     d = ((x - W / 2) * math.cos(im["heel_dir"]) + (y - H / 2) * math.sin(im["heel_dir"])) / (0.5 * max(W, H))
     flux = 1.0 + im["heel"] * 0.5 * d
     if im["fov"] is not None:
@@ -797,6 +785,22 @@ def window_8bit(raw: np.ndarray, offset: float, open_beam: float, white: float, 
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg)])
         img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
     return img
+
+
+def crop_scene(scene: Scene, view: np.ndarray, size: tuple[int, int]) -> Scene:
+    """The same scene seen through ``view``, a ``(2, 3)`` frame -> crop affine, rendered at
+    ``size`` ``(w, h)``: geometry, illumination and PSF are the frame's, sampled on the crop's
+    grid (noise is per crop pixel).  Its ``tips_image()`` are crop coordinates."""
+    view = np.asarray(view, np.float64)
+    s = math.sqrt(abs(np.linalg.det(view[:, :2])))
+    im = dict(scene.imaging)
+    if "view" in im:
+        raise ValueError("scene is already a crop")
+    im.update(view=view, frame_size=scene.size, psf_sigma=im["psf_sigma"] * s,
+              scatter_sigma=im["scatter_sigma"] * s)
+    lin = view[:, :2] @ scene.affine[:, :2]
+    off = view[:, :2] @ scene.affine[:, 2] + view[:, 2]
+    return replace(scene, affine=np.hstack([lin, off[:, None]]), size=tuple(size), imaging=im)
 
 
 # --------------------------------------------------------------------------- public API
@@ -875,6 +879,6 @@ def draw_labels(image: np.ndarray, labels: dict) -> np.ndarray:
 
 __all__ = [
     "ANODE", "CATHODE", "DIRECTIONS", "PRESETS", "PhantomSpec", "Scene", "Phantom", "CellParams",
-    "sample_cell", "sample_scene", "render", "transmission", "make_phantom",
+    "sample_cell", "sample_scene", "crop_scene", "render", "transmission", "make_phantom",
     "make_cell", "draw_labels", "apply_affine", "invert_affine", "window_8bit", "get_spec",
 ]
