@@ -113,3 +113,42 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
             "full_over_coarse": round(float(np.median(full) / np.median(coarse)), 2),
             "orientation_serial_over_vectorised": round(float(np.median(ser) / np.median(vec)), 1),
             "corners_in_Q": int(len(res.corners))}
+
+
+@stage("model")
+def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, threads: int = 2,
+                model_path: str | None = None, **_) -> dict:
+    """Stage 2: the shipped ONNX model under ONNX Runtime on CPU with ``threads`` intra-op
+    threads, per crop, at batch 1 and batch 8, on real phantom tiles; and the whole
+    ``detect_tips`` (tiling, sampling, normalisation, inference, decoding) per frame."""
+    import cv2
+
+    from .config import load_config
+    from .keypoints import crops_for_roi, detect_tips
+    from .model import KeypointModel
+    from .phantom import make_phantom
+    from .roi import detect_roi
+
+    cv2.setNumThreads(1)
+    cfg = load_config(None).model
+    path = model_path or str(cfg.resolved_path())
+    m = KeypointModel(path, None if model_path else cfg.sha256, providers=("CPUExecutionProvider",),
+                      threads=threads)
+    frames = [make_phantom(np.random.SeedSequence([27182, i]), "normal", size, bits).image for i in range(n)]
+    rois = [detect_roi(f) for f in frames]
+    pairs = [(f, r) for f, r in zip(frames, rois) if r.ok]
+    xs = np.concatenate([crops_for_roi(f, r, m.codec)[1] for f, r in pairs])
+    reps = max(1, 192 // len(xs))
+    xs = np.concatenate([xs] * reps) if reps > 1 else xs
+    b1 = timings(lambda k: m(xs[k % len(xs)][None]), min(len(xs), 64), warmup=3)
+    nb = max(1, min(len(xs) // 8, 24))
+    b8 = timings(lambda k: m(xs[8 * k:8 * k + 8]), nb, warmup=1) / 8
+    per_frame = timings(lambda k: detect_tips(pairs[k % len(pairs)][0], pairs[k % len(pairs)][1], m, cfg.threshold,
+                                                  cfg.tile_overlap_px, cfg.max_batch, cfg.min_distance_px),
+                        len(pairs), warmup=1)
+    tiles = [len(crops_for_roi(f, r, m.codec)[0]) for f, r in pairs]
+    w, h = m.codec.input_size
+    return {"rows": {"per crop, batch 1": summary(b1), "per crop, batch 8": summary(b8),
+                     "per frame, detect_tips": summary(per_frame)},
+            "crop": f"{w}x{h}", "threads": threads, "provider": m.provider, "tiles_per_frame": round(float(np.mean(tiles)), 2),
+            "model_sha256": m.sha256[:12], "size": list(size), "bits": bits}

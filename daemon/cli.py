@@ -122,21 +122,72 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_roi(a: argparse.Namespace) -> int:
-    from .evaluate import roi_accuracy
-
+def _eval_presets(a: argparse.Namespace, run) -> int:
+    """Run ``run(preset, progress) -> list of result dicts`` per preset; print JSON lines,
+    progress on stderr, and write ``--json``."""
     results = []
     for preset in a.preset:
         def progress(done: int, total: int, preset=preset) -> None:
             if done % 50 == 0 or done == total:
                 print(f"  {preset}: {done}/{total}", file=sys.stderr, flush=True)
 
-        res = roi_accuracy(preset, a.n, tuple(a.size), a.bits, a.margin, a.jobs or None, progress, a.seed_root)
-        results.append(res)
-        print(json.dumps(res))
+        for r in run(preset, progress):
+            results.append(r)
+            print(json.dumps(r))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def cmd_eval_roi(a: argparse.Namespace) -> int:
+    from .evaluate import roi_accuracy
+
+    return _eval_presets(a, lambda preset, progress: [roi_accuracy(
+        preset, a.n, tuple(a.size), a.bits, a.margin, a.jobs or None, progress, a.seed_root)])
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    try:
+        from export.train import TrainConfig, train
+    except ImportError as e:
+        print(f"polecheck train needs the 'train' extra (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
+    cfg = TrainConfig()
+    over = {k: getattr(a, k) for k in ("steps", "batch", "lr", "seed", "cache_size", "val_size", "val_every",
+                                       "threads", "jobs") if getattr(a, k) is not None}
+    cfg = TrainConfig(**{**cfg.__dict__, **over})
+    metrics = train(cfg, a.out, resume=not a.restart)
+    print(json.dumps({"out": a.out, **metrics}))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    try:
+        from export.onnx_export import export
+    except ImportError as e:
+        print(f"polecheck export needs the 'train' extra (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
+    res = export(a.checkpoint, a.out, tuple(a.input_size))
+    print(json.dumps(res))
+    if res["parity_max_abs"] > a.tolerance:
+        print(f"polecheck export: torch/ONNX Runtime parity {res['parity_max_abs']:.2e} > {a.tolerance:g}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval_model(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .evaluate import model_accuracy
+
+    cfg = load_config(a.config).model
+    path = a.model or str(cfg.resolved_path())
+    sha = None if a.model else cfg.sha256
+    return _eval_presets(a, lambda preset, progress: model_accuracy(
+        path, preset, a.n, tuple(a.size), a.bits, sha, jobs=a.jobs or None, progress=progress,
+        seed_root=a.seed_root, thresholds=a.threshold or (cfg.threshold,), low_threshold=cfg.low_threshold,
+        overlap=cfg.tile_overlap_px,
+        min_distance=cfg.min_distance_px if a.min_distance is None else a.min_distance))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_feed)
 
     s = sub.add_parser("bench", help="measure stage speed on this machine (docs/benchmarks.md)")
-    s.add_argument("--stage", default="all", help="phantom | roi | all")
+    s.add_argument("--stage", default="all", help="phantom | roi | model | all")
     s.add_argument("--n", type=int, default=20, help="frames per variant")
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)
@@ -187,6 +238,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=0)
     s.add_argument("--json", default=None)
     s.set_defaults(fn=cmd_eval_roi)
+
+    s = sub.add_parser("train", help="train the HRNet on phantom crops (needs the 'train' extra)")
+    s.add_argument("out", help="run folder: crop cache, checkpoints last.pt/best.pt, log.jsonl")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--cache-size", type=int, help="training crops rendered once and augmented per step")
+    s.add_argument("--val-size", type=int)
+    s.add_argument("--val-every", type=int)
+    s.add_argument("--threads", type=int, help="torch threads (0 = all cores)")
+    s.add_argument("--jobs", type=int, help="processes rendering crops (0 = all cores)")
+    s.add_argument("--restart", action="store_true", help="ignore OUT/last.pt instead of resuming")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("export", help="checkpoint -> ONNX with a parity check (needs the 'train' extra)")
+    s.add_argument("checkpoint")
+    s.add_argument("out")
+    s.add_argument("--input-size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"))
+    s.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted torch/ORT difference")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("eval-model", help="stages 1-2 tip accuracy on fresh validation phantoms")
+    s.add_argument("--config", default=None)
+    s.add_argument("--model", default=None, help="ONNX file (default: the config's, hash-checked)")
+    s.add_argument("--preset", nargs="+", default=["normal", "hard"], choices=["normal", "hard", "defects"])
+    s.add_argument("--n", type=int, default=250)
+    s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
+    s.add_argument("--bits", type=int, choices=[8, 16], default=16)
+    s.add_argument("--seed-root", type=int, default=None, help="another seed set (development)")
+    s.add_argument("--threshold", type=float, nargs="+", default=None,
+                   help="peak threshold(s) to score (default: the config's)")
+    s.add_argument("--min-distance", type=float, default=None, help="NMS radius px (default: the config's)")
+    s.add_argument("--jobs", type=int, default=0)
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=cmd_eval_model)
 
     s = sub.add_parser("check-config", help="validate a config file and print the effective config")
     s.add_argument("file", nargs="?", default=None)

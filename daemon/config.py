@@ -76,6 +76,40 @@ class RoiConfig(Strict):
                          percentiles=(self.low_percentile, self.high_percentile))
 
 
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ModelConfig(Strict):
+    """Stage 2 (keypoint_model): the ONNX HRNet and how to run it."""
+
+    path: str = Field("models/hrnet_tips.onnx", min_length=1,
+                      description="ONNX model; a relative path is relative to the polecheck checkout")
+    sha256: str | None = Field("53ce5c771f649a106a2b9b72f81eb2a89f9cfd44a576e29c9ca42584c2bf1224", pattern=r"^[0-9a-f]{64}$",
+                               description="pinned SHA-256 of the model file (null: not checked)")
+    providers: tuple[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], ...] = Field(
+        ("CUDAExecutionProvider", "CPUExecutionProvider"), min_length=1,
+        description="ONNX Runtime providers in order of preference; unavailable ones are skipped")
+    threads: int = Field(0, ge=0, le=256, description="intra-op threads on CPU (0 = ONNX Runtime default)")
+    threshold: float = Field(0.6, gt=0, lt=1, description="smallest heatmap peak that is a tip")
+    low_threshold: float = Field(0.3, gt=0, lt=1,
+                                 description="weaker peaks down to this are tips where they continue the staircase")
+    tile_overlap_px: float = Field(48.0, ge=16, le=512, description="overlap of the crops that tile an ROI")
+    min_distance_px: float = Field(12.0, ge=0, le=64,
+                                   description="NMS: of two same-class tips closer than this only the stronger stays")
+    max_batch: int = Field(8, ge=1, le=256, description="crops per model call")
+
+    @model_validator(mode="after")
+    def _thresholds(self):
+        if self.low_threshold > self.threshold:
+            raise ValueError("model.low_threshold must be <= model.threshold")
+        return self
+
+    def resolved_path(self) -> Path:
+        p = Path(self.path)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
 class RecipeConfig(Strict):
     """Acceptance rules for one cell type."""
 
@@ -121,6 +155,7 @@ class LogConfig(Strict):
 class Config(Strict):
     ingest: IngestConfig = IngestConfig()
     roi: RoiConfig = RoiConfig()
+    model: ModelConfig = ModelConfig()
     recipe: RecipeConfig = RecipeConfig()
     feed: FeedConfig = FeedConfig()
     log: LogConfig = LogConfig()

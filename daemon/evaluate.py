@@ -3,6 +3,11 @@
 ``roi_accuracy``: stage 1 against the phantom's ground truth: every tip inside the ROI
 with ``margin`` px to spare, the tip direction, and how tight the ROI is (its area over
 the area of the tips' axis-aligned bounding box).
+
+``model_accuracy``: stages 1-2 (ROI -> tiles -> HRNet -> decode, no fusion) against the
+ground truth: a frame's count is right when it finds exactly as many anode and cathode
+tips as there are; tip errors are the distances of predicted to true tips of the same
+class, matched one-to-one (nearest first) within ``match_px``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import numpy as np
 #: seed roots of the evaluation sets; no other code uses these.  Roots whose failures were
 #: looked at while developing are retired: 7_000_00x, 7_100_00x (see docs/accuracy.md).
 EVAL_SEEDS = {"normal": 7_200_001, "hard": 7_200_002, "defects": 7_200_003}
+#: seed roots of the model's validation frames (never used in training, whose seeds are
+#: ``seed * 1_000_000 + i`` with i < 1_000_000)
+MODEL_VAL_SEEDS = {"normal": 8_100_001, "hard": 8_100_002, "defects": 8_100_003}
 
 
 def _roi_one(args: tuple) -> dict:
@@ -72,3 +80,112 @@ def roi_accuracy(preset: str, n: int = 500, size=(1024, 1024), bits: int = 16, m
         "failed_indices": [r["i"] for r in rows if not (r["ok"] and r.get("contained") and r["direction_ok"])],
         "time_ms_median": float(np.median(t) * 1e3), "time_ms_p99": float(np.percentile(t, 99) * 1e3),
     }
+
+
+_MODEL = None
+
+
+def _model_init(path: str, sha256: str | None) -> None:
+    import cv2
+
+    from .model import KeypointModel
+
+    global _MODEL
+    cv2.setNumThreads(1)
+    _MODEL = KeypointModel(path, sha256, providers=("CPUExecutionProvider",), threads=1)
+
+
+def _model_one(args: tuple) -> dict:
+    from .keypoints import tip_candidates
+    from .phantom import make_phantom
+    from .roi import detect_roi
+
+    preset, i, size, bits, root, low_threshold, overlap, min_distance = args
+    ph = make_phantom(np.random.SeedSequence([root, i]), preset, size, bits)
+    gt = [np.asarray(ph.labels["anode"]).reshape(-1, 2), np.asarray(ph.labels["cathode"]).reshape(-1, 2)]
+    t = time.perf_counter()
+    r = detect_roi(ph.image)
+    out = {"i": i, "roi_ok": r.ok, "gt": gt, "t_roi": time.perf_counter() - t, "pred": None}
+    if r.ok:
+        t = time.perf_counter()
+        out["pred"], out["tiles"] = tip_candidates(ph.image, r, _MODEL, low_threshold, overlap,
+                                                   min_distance=min_distance)
+        out["t_model"] = time.perf_counter() - t
+    return out
+
+
+def _score_frame(row: dict, threshold: float, low_threshold: float, match_px: float) -> dict:
+    """One frame's counts and matched errors with the tips ``select_tips`` keeps."""
+    from .keypoints import select_tips
+
+    gt = row["gt"]
+    if row["pred"] is None:
+        return {"count_ok": False, "errors": [], "up": 0, "ug": sum(len(g) for g in gt), "n_pred": 0}
+    errs, up, ug, ok, n_pred = [], 0, 0, True, 0
+    for (p, s), g in zip(row["pred"], gt):
+        p = p[select_tips(p, s, threshold, low_threshold)]
+        e, a, b = match_points(p, g, match_px)
+        errs.extend(e.tolist())
+        up, ug, n_pred = up + a, ug + b, n_pred + len(p)
+        ok &= len(p) == len(g)
+    return {"count_ok": ok, "errors": errs, "up": up, "ug": ug, "n_pred": n_pred}
+
+
+def match_points(pred: np.ndarray, gt: np.ndarray, radius: float) -> tuple[np.ndarray, int, int]:
+    """One-to-one matching of ``pred (P, 2)`` to ``gt (G, 2)``, nearest pairs first, within
+    ``radius``.  Returns ``(distances of matched pairs (M,), unmatched pred, unmatched gt)``."""
+    if len(pred) == 0 or len(gt) == 0:
+        return np.zeros(0), len(pred), len(gt)
+    d = np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=2)
+    pi, gi = np.unravel_index(np.argsort(d, axis=None), d.shape)
+    ok = d[pi, gi] <= radius
+    used_p = np.zeros(len(pred), bool)
+    used_g = np.zeros(len(gt), bool)
+    errs = []
+    for a, b in zip(pi[ok].tolist(), gi[ok].tolist()):  # evaluation only, P, G < 100
+        if not (used_p[a] or used_g[b]):
+            used_p[a] = used_g[b] = True
+            errs.append(d[a, b])
+    return np.asarray(errs), int((~used_p).sum()), int((~used_g).sum())
+
+
+def model_accuracy(model_path: str, preset: str, n: int = 250, size=(1024, 1024), bits: int = 16,
+                   sha256: str | None = None, match_px: float = 3.0, jobs: int | None = None,
+                   progress=None, seed_root: int | None = None, thresholds=(0.6,), low_threshold: float = 0.3,
+                   overlap: float = 48.0, min_distance: float = 12.0) -> list[dict]:
+    """Stages 1-2 on ``n`` fresh frames of ``preset`` (validation seeds, see MODEL_VAL_SEEDS),
+    one result per peak threshold: the frames' candidates are found once (down to the
+    lowest threshold) and each threshold selects its tips from them exactly as
+    ``detect_tips`` would (``select_tips``)."""
+    root = MODEL_VAL_SEEDS[preset] if seed_root is None else int(seed_root)
+    low = float(min(low_threshold, *thresholds))
+    tasks = [(preset, i, tuple(size), bits, root, low, overlap, min_distance) for i in range(n)]
+    jobs = jobs or os.cpu_count() or 1
+    rows = []
+    with ProcessPoolExecutor(jobs, initializer=_model_init, initargs=(str(model_path), sha256)) as ex:
+        for row in ex.map(_model_one, tasks, chunksize=2):
+            rows.append(row)
+            if progress:
+                progress(len(rows), n)
+    n_gt = sum(sum(len(g) for g in r["gt"]) for r in rows)
+    tm = np.array([r["t_model"] for r in rows if "t_model" in r])
+    results = []
+    for th in thresholds:
+        fr = [_score_frame(r, th, min(low_threshold, th), match_px) for r in rows]
+        e = np.array([x for f in fr for x in f["errors"]])
+        n_pred = sum(f["n_pred"] for f in fr)
+        results.append({
+            "preset": preset, "seed_root": root, "n": n, "size": list(size), "bits": bits, "match_px": match_px,
+            "threshold": th, "low_threshold": min(low_threshold, th), "min_distance_px": min_distance,
+            "roi_found": float(np.mean([r["roi_ok"] for r in rows])),
+            "count_accuracy": float(np.mean([f["count_ok"] for f in fr])),
+            "tips_gt": int(n_gt), "tips_pred": int(n_pred),
+            "recall": float(len(e) / max(n_gt, 1)), "precision": float(len(e) / max(n_pred, 1)),
+            "mean_err_px": float(e.mean()) if len(e) else float("nan"),
+            "median_err_px": float(np.median(e)) if len(e) else float("nan"),
+            "p95_err_px": float(np.percentile(e, 95)) if len(e) else float("nan"),
+            "tiles_mean": float(np.mean([r.get("tiles", 0) for r in rows])),
+            "model_ms_median": float(np.median(tm) * 1e3) if len(tm) else float("nan"),
+            "count_failures": [r["i"] for r, f in zip(rows, fr) if not f["count_ok"]],
+        })
+    return results

@@ -1,0 +1,83 @@
+"""Stages 2-3 glue: the tips of one frame from its ROI, through the model.
+
+``detect_tips``: tile the oriented ROI into canonical crops (``HeatmapCodec.plan_tiles``),
+sample and normalise them, run the model in batches, decode each tile's heatmaps and merge
+the tiles' points back into image coordinates (each tip reported by the one tile that
+owns it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import normalise
+
+
+@dataclass
+class Tips:
+    """Tips of one frame: ``anodes (Na, 2)``, ``cathodes (Nc, 2)`` image ``(x, y)`` and their
+    peak scores ``(Na,)``, ``(Nc,)``; ``tiles`` = number of crops run."""
+
+    anodes: np.ndarray
+    anode_scores: np.ndarray
+    cathodes: np.ndarray
+    cathode_scores: np.ndarray
+    tiles: int = 0
+
+
+def crops_for_roi(img: np.ndarray, roi, codec, overlap: float = 48.0):
+    """``(tiles, x (T, 1, h, w) float32)``: the normalised crops covering ``roi``."""
+    tiles = codec.plan_tiles(roi.centre, roi.angle_deg, roi.size, overlap)
+    crops = np.stack([codec.warp(img, A) for A in tiles.affines])
+    return tiles, normalise(crops)[:, None]
+
+
+def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, overlap: float = 48.0,
+                   max_batch: int = 8, min_distance: float = 12.0) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Every peak of at least ``low_threshold`` in ``roi``: per class ``(points (N, 2) image
+    x, y, scores (N,))`` (``HeatmapCodec.decode`` with ``min_distance`` px NMS, tiles
+    merged), and the number of tiles run."""
+    codec = model.codec
+    tiles, x = crops_for_roi(img, roi, codec, overlap)
+    hm = np.concatenate([model(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+    decoded = [codec.decode(h, low_threshold, min_distance=min_distance) for h in hm]
+    return codec.merge_tiles(decoded, tiles, image_size=(img.shape[1], img.shape[0])), len(tiles)
+
+
+def select_tips(pts: np.ndarray, scores: np.ndarray, threshold: float, low_threshold: float,
+                reach: tuple[float, float] = (0.75, 1.25)) -> np.ndarray:
+    """Hysteresis on one class's candidates ``pts (N, 2)``, ``scores (N,)``: a keep mask
+    ``(N,)``.  A peak of at least ``threshold`` is a tip.  A weaker one (down to
+    ``low_threshold``) is a tip when it continues the staircase: its nearest strong tip
+    of the class lies between ``reach[0]`` and ``reach[1]`` times the strong tips' median
+    nearest-neighbour spacing (one layer period; an outermost layer dimmed by a tray or a
+    fixture beside it), not nearer (a split tip's prong) and not further (a fixture)."""
+    strong = scores >= threshold
+    weak = ~strong & (scores >= low_threshold)
+    if strong.sum() < 3 or not weak.any():
+        return strong
+    s = pts[strong]
+    d_ss = np.linalg.norm(s[:, None] - s[None], axis=2)
+    np.fill_diagonal(d_ss, np.inf)
+    period = float(np.median(d_ss.min(axis=1)))
+    d_ws = np.linalg.norm(pts[weak][:, None] - s[None], axis=2).min(axis=1)
+    keep = strong.copy()
+    keep[weak] = (d_ws >= reach[0] * period) & (d_ws <= reach[1] * period)
+    return keep
+
+
+def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, overlap: float = 48.0,
+                max_batch: int = 8, min_distance: float = 12.0, low_threshold: float = 0.3) -> Tips:
+    """Tips of ``img`` ``(H, W)`` inside ``roi`` (a successful ``RoiResult``) with ``model``
+    (a ``KeypointModel`` or any callable with a ``codec``): ``tip_candidates`` then
+    ``select_tips`` per class."""
+    ((a, sa), (c, sc)), n_tiles = tip_candidates(img, roi, model, min(low_threshold, threshold), overlap,
+                                                 max_batch, min_distance)
+    ka = select_tips(a, sa, threshold, low_threshold)
+    kc = select_tips(c, sc, threshold, low_threshold)
+    return Tips(a[ka], sa[ka], c[kc], sc[kc], n_tiles)
+
+
+__all__ = ["Tips", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi"]

@@ -1,0 +1,84 @@
+"""Stage 2 runtime (``keypoint_model``): the shipped ONNX HRNet under ONNX Runtime.
+
+The file is checked against its pinned SHA-256 before it is parsed; a mismatch is a
+start-up error, never a warning.  Providers come from config in order of preference
+(TensorRT, CUDA, CPU); those this ONNX Runtime build or machine lacks are skipped and the
+fallback is logged (``provider`` tells which one runs).  The codec geometry (input size,
+stride, sigma, classes) is read from the model's metadata, so a model always decodes with
+the convention it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .codec import HeatmapCodec
+
+log = logging.getLogger("polecheck.model")
+
+
+class ModelError(RuntimeError):
+    """The model file is missing, does not match its pinned hash, or is not a polecheck model."""
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class KeypointModel:
+    """ONNX Runtime session for tip heatmaps.  ``__call__(x (B, 1, h, w) float32) ->
+    (B, K, h/stride, w/stride) float32``."""
+
+    def __init__(self, path: str | Path, sha256: str | None = None,
+                 providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                 threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file {path} not found")
+        data = path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 is not None and self.sha256 != sha256.lower():
+            raise ModelError(f"model {path}: sha256 {self.sha256} does not match the pinned {sha256}")
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available]
+        skipped = [p for p in providers if p not in available]
+        if not chosen:
+            raise ModelError(f"none of the providers {list(providers)} is available (have {sorted(available)})")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(data, so, providers=chosen)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelError(f"model {path}: {e}") from e
+        self.provider = self.session.get_providers()[0]
+        if skipped or self.provider != chosen[0]:
+            log.warning("model providers: wanted %s, running on %s (unavailable: %s)",
+                        list(providers), self.provider, skipped)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "polecheck.codec" not in meta:
+            raise ModelError(f"model {path} has no polecheck.codec metadata (not exported by polecheck export)")
+        c = json.loads(meta["polecheck.codec"])
+        self.codec = HeatmapCodec(tuple(c["input_size"]), int(c["stride"]), float(c["sigma"]), tuple(c["classes"]))
+        self.metadata = {k: json.loads(v) for k, v in meta.items() if k.startswith("polecheck.")}
+        self.path = path
+        self._input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        w, h = self.codec.input_size
+        if x.ndim != 4 or x.shape[1:] != (1, h, w):
+            raise ValueError(f"model input must be (B, 1, {h}, {w}), got {x.shape}")
+        return self.session.run(None, {self._input: x})[0]
+
+
+__all__ = ["KeypointModel", "ModelError", "sha256_file"]
