@@ -118,17 +118,15 @@ def _score_frame(row: dict, threshold: float, low_threshold: float, match_px: fl
     """One frame's counts and matched errors with the tips ``select_tips`` keeps."""
     from .keypoints import select_tips
 
-    gt = row["gt"]
     if row["pred"] is None:
-        return {"count_ok": False, "errors": [], "up": 0, "ug": sum(len(g) for g in gt), "n_pred": 0}
-    errs, up, ug, ok, n_pred = [], 0, 0, True, 0
-    for (p, s), g in zip(row["pred"], gt):
+        return {"count_ok": False, "errors": [], "n_pred": 0}
+    errs, ok, n_pred = [], True, 0
+    for (p, s), g in zip(row["pred"], row["gt"]):
         p = p[select_tips(p, s, threshold, low_threshold)]
-        e, a, b = match_points(p, g, match_px)
-        errs.extend(e.tolist())
-        up, ug, n_pred = up + a, ug + b, n_pred + len(p)
+        errs.extend(match_points(p, g, match_px)[0].tolist())
+        n_pred += len(p)
         ok &= len(p) == len(g)
-    return {"count_ok": ok, "errors": errs, "up": up, "ug": ug, "n_pred": n_pred}
+    return {"count_ok": ok, "errors": errs, "n_pred": n_pred}
 
 
 def match_points(pred: np.ndarray, gt: np.ndarray, radius: float) -> tuple[np.ndarray, int, int]:

@@ -1,9 +1,10 @@
 """Stages 2-3 glue: the tips of one frame from its ROI, through the model.
 
-``detect_tips``: tile the oriented ROI into canonical crops (``HeatmapCodec.plan_tiles``),
+``tip_candidates``: tile the oriented ROI into canonical crops (``HeatmapCodec.plan_tiles``),
 sample and normalise them, run the model in batches, decode each tile's heatmaps and merge
-the tiles' points back into image coordinates (each tip reported by the one tile that
-owns it).
+the tiles' points back into image coordinates (each tip reported once).  ``select_tips``:
+the hysteresis that keeps strong peaks and the weak ones that continue the staircase.
+``detect_tips`` is the two in a row.
 """
 
 from __future__ import annotations

@@ -1,0 +1,29 @@
+"""Tip selection (hysteresis) on synthetic candidates with known geometry."""
+
+import numpy as np
+
+from daemon.keypoints import select_tips
+
+
+def test_weak_peaks_count_only_where_they_continue_the_staircase():
+    rng = np.random.default_rng(3)
+    strong = np.stack([100 + rng.uniform(-3, 3, 8), 200 + 20.0 * np.arange(8)], 1)  # period 20 px
+    weak = np.array([
+        [101.0, 180.0],  # the dimmed outermost layer, one period above: a tip
+        [102.0, 360.0],  # one period below the last: a tip
+        [106.0, 226.0],  # 6-7 px from a strong tip (a split tip's prong): not one
+        [180.0, 300.0],  # 80 px from the staircase (a fixture corner): not one
+    ])
+    faint = np.array([[100.0, 380.0]])  # continues the staircase, but below low_threshold
+    pts = np.vstack([strong, weak, faint])
+    scores = np.r_[rng.uniform(0.7, 1.0, 8), [0.4, 0.5, 0.55, 0.5], [0.2]].astype(np.float32)
+    keep = select_tips(pts, scores, threshold=0.6, low_threshold=0.3)
+    np.testing.assert_array_equal(keep, [True] * 8 + [True, True, False, False] + [False])
+
+
+def test_without_a_staircase_only_strong_peaks_count():
+    pts = np.array([[10.0, 10.0], [10.0, 30.0], [12.0, 50.0]])
+    scores = np.array([0.9, 0.4, 0.8], np.float32)
+    np.testing.assert_array_equal(select_tips(pts, scores, 0.6, 0.3), [True, False, True])
+    empty = select_tips(np.zeros((0, 2)), np.zeros(0, np.float32), 0.6, 0.3)
+    assert empty.shape == (0,)
