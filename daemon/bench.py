@@ -137,16 +137,17 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
     frames = [make_phantom(np.random.SeedSequence([27182, i]), "normal", size, bits).image for i in range(n)]
     rois = [detect_roi(f) for f in frames]
     pairs = [(f, r) for f, r in zip(frames, rois) if r.ok]
-    xs = np.concatenate([crops_for_roi(f, r, m.codec)[1] for f, r in pairs])
+    crops = [crops_for_roi(f, r, m.codec) for f, r in pairs]  # (tiles, x) per frame
+    xs = np.concatenate([x for _, x in crops])
     reps = max(1, 192 // len(xs))
     xs = np.concatenate([xs] * reps) if reps > 1 else xs
     b1 = timings(lambda k: m(xs[k % len(xs)][None]), min(len(xs), 64), warmup=3)
     nb = max(1, min(len(xs) // 8, 24))
     b8 = timings(lambda k: m(xs[8 * k:8 * k + 8]), nb, warmup=1) / 8
-    per_frame = timings(lambda k: detect_tips(pairs[k % len(pairs)][0], pairs[k % len(pairs)][1], m, cfg.threshold,
-                                                  cfg.tile_overlap_px, cfg.max_batch, cfg.min_distance_px),
+    per_frame = timings(lambda k: detect_tips(*pairs[k % len(pairs)], m, cfg.threshold, cfg.tile_overlap_px,
+                                              cfg.max_batch, cfg.min_distance_px, cfg.low_threshold),
                         len(pairs), warmup=1)
-    tiles = [len(crops_for_roi(f, r, m.codec)[0]) for f, r in pairs]
+    tiles = [len(t) for t, _ in crops]
     w, h = m.codec.input_size
     return {"rows": {"per crop, batch 1": summary(b1), "per crop, batch 8": summary(b8),
                      "per frame, detect_tips": summary(per_frame)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -152,10 +153,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"polecheck train needs the 'train' extra (pip install -e '.[train]'): {e}", file=sys.stderr)
         return 2
-    cfg = TrainConfig()
     over = {k: getattr(a, k) for k in ("steps", "batch", "lr", "seed", "cache_size", "val_size", "val_every",
                                        "threads", "jobs") if getattr(a, k) is not None}
-    cfg = TrainConfig(**{**cfg.__dict__, **over})
+    cfg = dataclasses.replace(TrainConfig(), **over)
     metrics = train(cfg, a.out, resume=not a.restart)
     print(json.dumps({"out": a.out, **metrics}))
     return 0

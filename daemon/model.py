@@ -26,10 +26,6 @@ class ModelError(RuntimeError):
     """The model file is missing, does not match its pinned hash, or is not a polecheck model."""
 
 
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class KeypointModel:
     """ONNX Runtime session for tip heatmaps.  ``__call__(x (B, 1, h, w) float32) ->
     (B, K, h/stride, w/stride) float32``."""
@@ -81,4 +77,4 @@ class KeypointModel:
         return self.session.run(None, {self._input: x})[0]
 
 
-__all__ = ["KeypointModel", "ModelError", "sha256_file"]
+__all__ = ["KeypointModel", "ModelError"]
