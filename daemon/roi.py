@@ -42,6 +42,10 @@ REASONS = ("blank", "saturated", "no_band", "ambiguous_direction")
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
+GAP_V = 16.0  # profile px (4 full-res px each at 1024 px): a gap in the tip corners' chain
+# wider than this (two missed tips at the widest layer pitch) separates the stack from a
+# fixture or wall
+V_CAP = 10  # profile px: how far past the tip corners' chain the stack's edges may lie
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,8 @@ def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
     comp_w = np.bincount(lab.ravel(), weights=grid.ravel(), minlength=n)
     comp_w[0] = 0.0
     members = lab[ci, cj] == int(np.argmax(comp_w))
-    return np.median(pts[members], axis=0).astype(np.float64), members
+    mem = pts[members]
+    return np.array([_quantile(mem[:, 0], 0.5), _quantile(mem[:, 1], 0.5)]), members
 
 
 # --------------------------------------------------------------------------- geometry
@@ -266,8 +271,20 @@ def layer_axis_at_corners(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tu
 
 
 def _smooth(p: np.ndarray, k: int) -> np.ndarray:
+    """Box filter of width ``k`` (made odd) over a 1-D profile ``(L,)``, edges replicated."""
     k = max(1, int(k)) | 1
-    return np.convolve(np.pad(p, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
+    return cv2.blur(np.asarray(p, np.float32).reshape(1, -1), (k, 1), borderType=cv2.BORDER_REPLICATE).ravel()
+
+
+def _quantile(x: np.ndarray, q: float) -> float:
+    """``np.quantile(x, q)`` (linear interpolation) of a 1-D ``x`` by partition, without
+    np.percentile's overhead (it dominates on the short profiles here)."""
+    pos = q * (len(x) - 1)
+    k = int(pos)
+    if k + 1 >= len(x):
+        return float(np.partition(x, k)[k])
+    part = np.partition(x, [k, k + 1])
+    return float(part[k] + (pos - k) * (part[k + 1] - part[k]))
 
 
 def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
@@ -277,8 +294,19 @@ def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
 
 def _runs(mask: np.ndarray) -> np.ndarray:
     """``(R, 2)`` [start, end) of the True runs of a 1-D bool array."""
-    d = np.diff(np.r_[0, mask.astype(np.int8), 0])
-    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], 1)
+    m = np.concatenate(([False], mask, [False]))
+    return np.flatnonzero(m[1:] != m[:-1]).reshape(-1, 2)  # edges alternate: start, end
+
+
+def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
+    """``(lo, hi)`` of the run of ``v`` ``(K,)`` (K >= 1) with the most members, where a run
+    ends at a gap wider than ``gap``: the stack's tips are a chain of corners at most a
+    layer pitch or two apart, a fixture or wall beside the stack is a separate run."""
+    s = np.sort(v)
+    cut = np.flatnonzero(np.diff(s) > gap) + 1
+    bounds = np.r_[0, cut, len(s)]
+    k = int(np.argmax(np.diff(bounds)))
+    return float(s[bounds[k]]), float(s[bounds[k + 1] - 1])
 
 
 def _fail(reason: str, detail: str, window=(0.0, 0.0)) -> RoiResult:
@@ -351,15 +379,15 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     R = _rot(phi)
     M = np.hstack([R, (c_p - R @ np.array([lu, lv]))[:, None]]).astype(np.float32)
     win = cv2.warpAffine(prof, M, (2 * lu + 1, 2 * lv + 1), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+                         borderMode=cv2.BORDER_REPLICATE)  # (Hw, Ww) uint8
     # tip-like corners: their oFAST orientation looks along the tips (the bright side is
     # ahead); corners along the body's layer lines or on fixtures mostly do not
     tiplike = np.cos(angles - math.radians(phi)) > 0.5
     if tiplike.sum() < p.min_corners // 2:
         return _fail("no_band", f"only {int(tiplike.sum())} tip-like corners", (lo, hi))
     q = ((pts[members][tiplike] + 0.5) / fp - 0.5 - c_p) @ R + np.array([lu, lv])  # window coords
-    cu = float(np.median(q[:, 0]))
-    cv = np.percentile(q[:, 1], [2, 98])
+    cu = _quantile(q[:, 0], 0.5)
+    cv = _densest_span(q[:, 1], GAP_V)
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
     ext_u = _u_extent(win, v0, v1, cu)
     if ext_u is None:
@@ -367,11 +395,13 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
     if ext_v is None:
         return _fail("no_band", "no stack edges across the layers", (lo, hi))
-    # the tips are corners: across the stack the ROI always covers the tip-like corners
-    # inside the band (an edge search may stop one layer short at a tray or wall)
+    # the tips are corners: across the stack the ROI covers the tip-like corners inside the
+    # band up to a layer and a half past the edges (an edge search may stop one layer short
+    # at a tray or wall)
     inband = (q[:, 0] >= ext_u[0] - 4) & (q[:, 0] <= ext_u[1] + 4)
     if inband.any():
-        ext_v = (min(ext_v[0], q[inband, 1].min()), max(ext_v[1], q[inband, 1].max()))
+        span = _densest_span(q[inband, 1], GAP_V)
+        ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -414,16 +444,19 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     again at the anode tips (band -> background).  From the rising transition nearest the
     anchor (the tip-like corners' median u), earlier rising transitions are added until one
     starts at the body's level (that is the cathode step), later ones until one reaches the
-    background's level (the anode step); a strong falling transition (a wall, a tray end)
-    stops the search.  Returns ``(start, end)`` in window columns.
+    background's level (the anode step); a dark object in between (a strong falling
+    transition that sinks more than halfway back to the body: a wall, a tray end) stops
+    the search.  Returns ``(start, end)`` in window columns.
     """
     if v1 - v0 < 3:
         return None
     # The profile is a mean over many rows of the 8-bit window, so its noise is far below
     # 1 grey level per px: steps are judged in absolute grey levels per px, not relative
     # to the largest step (which may belong to a wall).
-    prof = _smooth(win[v0:v1].mean(axis=0), 5)
-    d = np.gradient(prof)
+    prof = _smooth(cv2.reduce(win[v0:v1], 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5).astype(np.float64)
+    d = np.empty_like(prof)  # np.gradient: central differences, one-sided at the ends
+    d[1:-1] = 0.5 * (prof[2:] - prof[:-2])
+    d[0], d[-1] = prof[1] - prof[0], prof[-1] - prof[-2]
     pos = _runs(d > STEP_RUN)
     if len(pos):
         pos = pos[_run_max(d, pos) >= STEP_STRONG]
@@ -437,8 +470,13 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     tol = 0.15 * (background - body)
     last = len(prof) - 1
 
-    def blocked(a: int, b: int) -> bool:  # a strong falling run between columns a and b
-        return bool(len(neg)) and bool(((neg[:, 0] >= a) & (neg[:, 1] <= b)).any())
+    def blocked(a: int, b: int) -> bool:
+        # a dark object between the steps at columns a and b (a wall, a tray end): a strong
+        # falling run, after which the profile sinks more than halfway back to the body's
+        # level.  A shallow dip (a halo past the cathode ends) does not block.
+        if not len(neg) or not ((neg[:, 0] >= a) & (neg[:, 1] <= b)).any():
+            return False
+        return float(prof[a:b + 1].min()) < body + 0.5 * (float(prof[a]) - body)
 
     lo_i = hi_i = i
     while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
@@ -450,33 +488,36 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
 
 
 def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,
-              cap: int = 16) -> tuple[float, float] | None:
+              cap: int = V_CAP) -> tuple[float, float] | None:
     """Stack edges along v: the layer-edge energy (|d/dv| accumulated along u over the band)
     is high across the stack and falls to the background's level past its outer layers.
 
-    An edge is the start of the first run, outward from the anchor (the tip-like corners'
-    v range), where the energy stays below a quarter of its in-stack level for at least
-    ``min_gap`` px: longer than any gap between two layers (<= 9 px at this scale), so the
-    dips between layers never end the stack early.  The outermost tips are corners too, so
-    an edge is never searched more than ``cap`` px (about two layer pitches) beyond the
-    anchor: a wall or tray right next to the stack cannot stretch the ROI.
-    Returns ``(top, bottom)`` rows.
+    Rows whose energy reaches a quarter of the in-stack level (the 90th percentile over the
+    anchor, the tip-like corners' v span) are hot; hot runs closer than ``min_gap`` px are
+    joined (longer than any gap between two layers, <= 9 px at this scale, so the dips
+    between layers never split the stack), and the joined run with the most energy inside
+    the anchor is the stack.  Noise corners in a bright, noisy background can stretch the
+    anchor, but not the stack's energy.  The outermost tips are corners too, so an edge is
+    never more than ``cap`` px (1.5 of the widest layer pitch) beyond the anchor: a wall or
+    tray right next to the stack cannot stretch the ROI.  Returns ``(top, bottom)`` rows.
     """
     a, b = int(ext_u[0]), int(math.ceil(ext_u[1]))
     if b - a < 2:
         return None
-    e = _smooth(np.abs(np.diff(win[:, a:b], axis=0)).mean(axis=1), 3)  # e[i]: between rows i, i+1
+    band = win[:, a:b]
+    e = _smooth(cv2.reduce(cv2.absdiff(band[1:], band[:-1]), 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 3)  # e[i]: rows i, i+1
     lo_a, hi_a = int(max(anchor[0], 0)), int(min(anchor[1] + 1, len(e)))
     if hi_a - lo_a < 2:
         return None
-    level = float(np.median(e[lo_a:hi_a]))
-    runs = _runs(e < 0.25 * level)
-    runs = runs[runs[:, 1] - runs[:, 0] >= min_gap] if len(runs) else runs
-    below = runs[runs[:, 0] >= hi_a - 1] if len(runs) else runs
-    above = runs[runs[:, 1] <= lo_a + 1] if len(runs) else runs
-    top = float(above[:, 1].max()) if len(above) else 0.0
-    bottom = float(below[:, 0].min()) + 1.0 if len(below) else float(len(e) + 1)
-    return max(top, lo_a - cap), min(bottom, hi_a + cap)
+    level = _quantile(e[lo_a:hi_a], 0.9)
+    runs = _runs(e >= 0.25 * level)
+    if not len(runs):
+        return None
+    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= min_gap) + 1))  # of each group
+    starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
+    csum = np.concatenate(([0.0], np.cumsum(e)))
+    k = int(np.argmax(csum[np.clip(ends, lo_a, hi_a)] - csum[np.clip(starts, lo_a, hi_a)]))
+    return max(float(starts[k]), lo_a - cap), min(float(ends[k]) + 1.0, hi_a + cap)
 
 
 def _full_res_corners(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:

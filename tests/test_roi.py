@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from daemon import phantom as P
-from daemon.roi import (REASONS, RoiParams, detect_roi, detect_rois, ofast_orientation,
-                        ofast_orientation_serial, robust_window, to_8bit)
+from daemon.roi import (REASONS, RoiParams, _densest_span, _u_extent, detect_roi, detect_rois,
+                        ofast_orientation, ofast_orientation_serial, robust_window, to_8bit)
 
 SIZE = (768, 768)
 
@@ -160,3 +160,29 @@ def test_batch_api():
     frames.append(np.zeros((512, 512), np.uint8))
     res = detect_rois(frames)
     assert [r.ok for r in res] == [True, True, True, False]
+
+
+def _window_from_profile(prof: np.ndarray, rows: int = 60) -> np.ndarray:
+    return np.repeat(np.asarray(prof, np.float64)[None].round().clip(0, 255).astype(np.uint8), rows, 0)
+
+
+def test_u_extent_crosses_a_halo_but_stops_at_a_wall():
+    # body 25 | cathode step -> 130 | halo dip to 92 | anode step -> 163 |
+    # dark wall (32) | background 226: the band is the two steps, not the wall beyond
+    prof = np.r_[np.full(80, 25.0), np.linspace(25, 130, 10), np.full(25, 92.0), np.linspace(92, 163, 15),
+                 np.full(8, 163.0), np.full(8, 32.0), np.full(40, 226.0)]
+    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=85)
+    assert 75 <= lo <= 82 and 125 <= hi <= 132, (lo, hi)
+    # the same with a deep fall in place of the halo: the wall-like dip blocks the search
+    deep = prof.copy()
+    deep[92:112] = 28.0
+    lo, hi = _u_extent(_window_from_profile(deep), 0, 60, anchor=85)
+    assert hi <= 93, (lo, hi)
+
+
+def test_densest_span_leaves_out_a_fixture_beside_the_stack():
+    rng = np.random.default_rng(5)
+    stack = np.sort(rng.uniform(100, 180, 30))  # tip corners a few px apart
+    fixture = np.array([210.0, 212.0, 240.0, 243.0])  # a screw plate 30+ px away
+    lo, hi = _densest_span(np.r_[stack, fixture, 20.0], gap=16.0)
+    assert (lo, hi) == (stack.min(), stack.max())
