@@ -42,10 +42,11 @@ REASONS = ("blank", "saturated", "no_band", "ambiguous_direction")
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
-GAP_V = 16.0  # profile px (4 full-res px each at 1024 px): a gap in the tip corners' chain
-# wider than this (two missed tips at the widest layer pitch) separates the stack from a
+GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the tip corners'
+# chain wider than four layer pitches, within these bounds, separates the stack from a
 # fixture or wall
-V_CAP = 10  # profile px: how far past the tip corners' chain the stack's edges may lie
+V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
+# outermost two or three layers next to a wall can lose their tip corners
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,16 @@ def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
     return float(s[bounds[k]]), float(s[bounds[k + 1] - 1])
 
 
+def _chain_gap(v: np.ndarray) -> float:
+    """The widest gap ``_densest_span`` bridges in the tip corners' chain ``v`` ``(K,)``:
+    four layer pitches (the median step between distinct tips; the outermost layers next to
+    a wall can lose their corners), within ``GAP_V``."""
+    steps = np.diff(np.sort(v))
+    steps = steps[steps > 1.5]  # several corners on one tip are < 1.5 px apart
+    pitch = _quantile(steps, 0.5) if len(steps) else GAP_V[0] / 4
+    return float(np.clip(4.0 * pitch, *GAP_V))
+
+
 def _fail(reason: str, detail: str, window=(0.0, 0.0)) -> RoiResult:
     return RoiResult(ok=False, reason=reason, detail=detail, window=window)
 
@@ -387,7 +398,8 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         return _fail("no_band", f"only {int(tiplike.sum())} tip-like corners", (lo, hi))
     q = ((pts[members][tiplike] + 0.5) / fp - 0.5 - c_p) @ R + np.array([lu, lv])  # window coords
     cu = _quantile(q[:, 0], 0.5)
-    cv = _densest_span(q[:, 1], GAP_V)
+    gap_v = _chain_gap(q[:, 1])
+    cv = _densest_span(q[:, 1], gap_v)
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
     ext_u = _u_extent(win, v0, v1, cu)
     if ext_u is None:
@@ -396,11 +408,11 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if ext_v is None:
         return _fail("no_band", "no stack edges across the layers", (lo, hi))
     # the tips are corners: across the stack the ROI covers the tip-like corners inside the
-    # band up to a layer and a half past the edges (an edge search may stop one layer short
+    # band up to V_CAP px past the edges (an edge search may stop one layer short
     # at a tray or wall)
     inband = (q[:, 0] >= ext_u[0] - 4) & (q[:, 0] <= ext_u[1] + 4)
     if inband.any():
-        span = _densest_span(q[inband, 1], GAP_V)
+        span = _densest_span(q[inband, 1], gap_v)
         ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
 
     # window coords -> full-resolution image
@@ -498,7 +510,7 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     between layers never split the stack), and the joined run with the most energy inside
     the anchor is the stack.  Noise corners in a bright, noisy background can stretch the
     anchor, but not the stack's energy.  The outermost tips are corners too, so an edge is
-    never more than ``cap`` px (1.5 of the widest layer pitch) beyond the anchor: a wall or
+    never more than ``cap`` px (two to three layer pitches) beyond the anchor: a wall or
     tray right next to the stack cannot stretch the ROI.  Returns ``(top, bottom)`` rows.
     """
     a, b = int(ext_u[0]), int(math.ceil(ext_u[1]))
