@@ -59,6 +59,15 @@ def normalise(crop: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) 
     return np.clip(out, -0.25, 1.25).reshape(x.shape).astype(np.float32)
 
 
+def _nms(pts: np.ndarray, scores: np.ndarray, min_distance: float) -> np.ndarray:
+    """``(N,) bool`` keep mask: a point ``(N, 2)`` stays unless a stronger one (ties: the
+    earlier) lies closer than ``min_distance``.  One pairwise pass, no greedy loop."""
+    d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+    idx = np.arange(len(pts))
+    stronger = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (idx[None, :] < idx[:, None]))
+    return ~((d2 < min_distance * min_distance) & stronger).any(axis=1)
+
+
 @dataclass(frozen=True)
 class HeatmapCodec:
     """Encode/decode between tip points and heatmaps of one crop geometry.
@@ -201,23 +210,21 @@ class HeatmapCodec:
         scores (N,))``, refined to sub-pixel precision.
 
         Peaks: local maxima of a 3x3 neighbourhood above ``threshold``, ``border`` heatmap
-        pixels at the edges ignored.  NMS: with ``min_distance`` (crop px) a peak must also
-        be the maximum of the disc of that radius around it, so of two same-class peaks
+        pixels at the edges ignored.  NMS: with ``min_distance`` (crop px) a peak is dropped
+        when a stronger one lies closer than that, measured between the sub-pixel positions
+        (a disc on the heatmap grid would also drop a tip whose neighbour is a grid distance
+        of ``min_distance`` but more than that in fact away), so of two same-class peaks
         closer than that only the stronger stays (tips of one class are two layer pitches,
-        >= 16 px, apart; a split tip's short prong is closer to its tip than that).  Sub-pixel: one Newton step on the log of the heatmap
+        >= 16 px, apart; a split tip's short prong is closer to its tip than that).
+        Sub-pixel: one Newton step on the log of the heatmap
         smoothed by a Gaussian of ``sigma`` (DARK, Zhang et al. 2020): a Gaussian peak is a
         quadratic in log space, so the step is exact for an ideal target.  Scores are the
         raw peak values.
         """
         hm = np.asarray(heatmaps, np.float32)
-        out = []
-        r = int(min_distance // self.stride)
-        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) if r > 1 else None
-        for c in range(hm.shape[0]):
-            out.append(self._decode_one(hm[c], threshold, border, disc))
-        return out
+        return [self._decode_one(hm[c], threshold, border, min_distance) for c in range(hm.shape[0])]
 
-    def _decode_one(self, h: np.ndarray, threshold: float, border: int, disc: np.ndarray | None = None):
+    def _decode_one(self, h: np.ndarray, threshold: float, border: int, min_distance: float = 0.0):
         hh, wh = h.shape
         # A peak is >= its 4 later neighbours (raster order) and > its 4 earlier ones, so a
         # plateau of equal maxima gives exactly one peak (its first pixel).
@@ -225,8 +232,6 @@ class HeatmapCodec:
         later = np.maximum.reduce([p[1:-1, 2:], p[2:, :-2], p[2:, 1:-1], p[2:, 2:]])
         earlier = np.maximum.reduce([p[1:-1, :-2], p[:-2, :-2], p[:-2, 1:-1], p[:-2, 2:]])
         mask = (h >= later) & (h > earlier) & (h > threshold)
-        if disc is not None:
-            mask &= h >= cv2.dilate(h, disc)  # default border: never the maximum
         if border > 0:
             mask[:border], mask[-border:], mask[:, :border], mask[:, -border:] = False, False, False, False
         iy, jx = np.nonzero(mask)
@@ -234,7 +239,11 @@ class HeatmapCodec:
             return np.zeros((0, 2), np.float64), np.zeros(0, np.float32)
         offsets = self._dark_offsets(h, iy, jx)
         pts = (np.stack([jx, iy], axis=1).astype(np.float64) + offsets) * self.stride
-        return pts, h[iy, jx].astype(np.float32)
+        scores = h[iy, jx].astype(np.float32)
+        if min_distance > 0 and len(pts) > 1:
+            keep = _nms(pts, scores, min_distance)
+            pts, scores = pts[keep], scores[keep]
+        return pts, scores
 
     def _dark_offsets(self, h: np.ndarray, iy: np.ndarray, jx: np.ndarray) -> np.ndarray:
         """``(N, 2)`` sub-pixel offsets (x, y) in heatmap pixels at integer maxima."""

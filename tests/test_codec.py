@@ -77,6 +77,17 @@ def test_decode_nms_keeps_the_stronger_of_close_peaks(codec):
     assert scores.min() > 0.9
 
 
+def test_decode_nms_measures_sub_pixel_distances(codec):
+    """Two tips 12.7 px apart sit 6 heatmap px (12 px) apart on the grid: a 12 px NMS on
+    the grid would drop the weaker, the sub-pixel distance keeps both (a dev-set miss)."""
+    a, b = np.array([60.0, 40.6]), np.array([60.0, 53.3])
+    hm = codec.encode([a[None], np.zeros((0, 2))])
+    hm[0] = np.maximum(hm[0], 0.85 * codec.encode([b[None], np.zeros((0, 2))])[0])
+    pts, _ = codec.decode(hm, 0.3, min_distance=12.0)[0]
+    np.testing.assert_allclose(pts[np.argsort(pts[:, 1])], [a, b], atol=0.15)
+    assert len(codec.decode(hm, 0.3, min_distance=13.0)[0][0]) == 1
+
+
 def test_normalise_removes_gain_and_offset():
     rng = np.random.default_rng(3)
     a = rng.integers(0, 4000, (64, 64)).astype(np.uint16)
