@@ -154,8 +154,19 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"polecheck train needs the 'train' extra (pip install -e '.[train]'): {e}", file=sys.stderr)
         return 2
     over = {k: getattr(a, k) for k in ("steps", "batch", "lr", "seed", "cache_size", "val_size", "val_every",
-                                       "threads", "jobs") if getattr(a, k) is not None}
+                                       "threads", "jobs", "init", "warmup") if getattr(a, k) is not None}
     cfg = dataclasses.replace(TrainConfig(), **over)
+    crops = {}
+    if a.preset_weights:
+        if min(a.preset_weights) < 0 or sum(a.preset_weights) <= 0:
+            raise ValueError(f"--preset-weights must be >= 0 with a positive sum, got {a.preset_weights}")
+        crops["weights"] = tuple(a.preset_weights)
+    if a.p_context is not None:
+        if not 0.0 <= a.p_context < 1.0:
+            raise ValueError(f"--p-context must be in [0, 1), got {a.p_context}")
+        crops["p_context"] = a.p_context
+    if crops:
+        cfg = dataclasses.replace(cfg, crops=dataclasses.replace(cfg.crops, **crops))
     metrics = train(cfg, a.out, resume=not a.restart)
     print(json.dumps({"out": a.out, **metrics}))
     return 0
@@ -251,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch threads (0 = all cores)")
     s.add_argument("--jobs", type=int, help="processes rendering crops (0 = all cores)")
     s.add_argument("--restart", action="store_true", help="ignore OUT/last.pt instead of resuming")
+    s.add_argument("--init", help="fine-tune: start from this checkpoint's weights (not its optimizer or step)")
+    s.add_argument("--warmup", type=int, help="linear warm-up steps")
+    s.add_argument("--preset-weights", type=float, nargs=3, metavar=("NORMAL", "HARD", "DEFECTS"),
+                   help="how often each phantom preset is drawn for a training crop")
+    s.add_argument("--p-context", type=float, help="share of context (hard-negative) crops")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("export", help="checkpoint -> ONNX with a parity check (needs the 'train' extra)")

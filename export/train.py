@@ -48,6 +48,7 @@ class TrainConfig:
     jobs: int = 0  # processes rendering the cache, 0 = all cores
     sigma: float = 1.0
     stride: int = 2
+    init: str | None = None  # fine-tune: start from this checkpoint's weights (fresh optimizer and schedule)
     model: HRNetConfig = field(default_factory=HRNetConfig)
     crops: CropRecipe = field(default_factory=CropRecipe)
     aug: Augment = field(default_factory=Augment)
@@ -144,6 +145,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, log=print) -> 
         opt.load_state_dict(ck["opt"])
         step, best = ck["step"], ck.get("best", -1.0)
         log(f"resumed from {last} at step {step}")
+    elif cfg.init:
+        ck = torch.load(cfg.init, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])  # raises on another architecture
+        log(f"weights from {cfg.init} (its step {ck.get('step')}), fresh optimizer and schedule")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     log(f"HRNet {cfg.model.widths} {count_parameters(model):,} parameters on {device}, "
         f"{len(raw)} cached crops, batch {cfg.batch}, {cfg.steps} steps")

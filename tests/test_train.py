@@ -71,6 +71,13 @@ def test_train_smoke_resume_and_export(tmp_path):
     assert [r["step"] for r in rows if "precision" in r] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) for r in rows)
 
+    # fine-tune: a new run starts from those weights with its own optimizer and schedule
+    cfg3 = TrainConfig(**{**cfg.__dict__, "steps": 2, "init": str(tmp_path / "last.pt")})
+    logs3 = []
+    train(cfg3, tmp_path / "ft", log=logs3.append)
+    assert any("weights from" in line for line in logs3)
+    assert torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["step"] == 2
+
     res = export(tmp_path / "last.pt", tmp_path / "m.onnx", (64, 64))
     assert res["parity_max_abs"] <= 1e-4
     from daemon.model import KeypointModel
