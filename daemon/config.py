@@ -117,6 +117,8 @@ class RecipeConfig(Strict):
     overhang_min_um: float = Field(750.0, ge=-5000, le=20000, description="smallest accepted overhang")
     overhang_max_um: float = Field(2250.0, ge=-5000, le=20000, description="largest accepted overhang")
     expected_layers: int | None = Field(None, ge=3, le=1001, description="anodes + cathodes, if fixed")
+    min_confidence: float = Field(0.3, ge=0.0, le=1.0,
+                                  description="a tip scored below this makes the frame NG low_confidence")
 
     @model_validator(mode="after")
     def _order(self):

@@ -34,9 +34,8 @@ import cv2
 import numpy as np
 
 from .codec import _rot, apply_affine, invert_affine
-from .rules import OverhangLimits, judge_geometry
+from .rules import ANODE, CATHODE, OverhangLimits, judge_geometry, overhangs_um
 
-ANODE, CATHODE = 0, 1
 DIRECTIONS = ("right", "down", "left", "up")  # tip direction for orientation index 0..3
 
 
@@ -151,15 +150,7 @@ class Scene:
         """``(C, 2)`` overhang of each cathode against its previous/next neighbour in the
         stack (``[left, right]`` = lower/higher stacking index), in micrometres along the
         layer axis; NaN where that neighbour is not an anode (a missing layer)."""
-        cath = np.flatnonzero(self.kind == CATHODE)
-        L = len(self.kind)
-        out = np.full((len(cath), 2), np.nan)
-        for side, off in enumerate((-1, 1)):
-            nb = cath + off
-            ok = (nb >= 0) & (nb < L)
-            ok[ok] &= self.kind[nb[ok]] == ANODE
-            out[ok, side] = (self.u_end[nb[ok]] - self.u_end[cath[ok]]) * self.pixel_pitch_um
-        return out
+        return overhangs_um(self.kind, self.u_end, self.pixel_pitch_um)
 
     def labels(self) -> dict:
         """The dataset JSON record (see docs/dataset.md)."""
