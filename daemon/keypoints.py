@@ -48,15 +48,15 @@ def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, over
 
 
 def select_tips(pts: np.ndarray, scores: np.ndarray, threshold: float, low_threshold: float,
-                reach: tuple[float, float] = (0.75, 1.25), isolation: float = 2.5) -> np.ndarray:
+                reach: tuple[float, float] = (0.75, 1.25)) -> np.ndarray:
     """Hysteresis on one class's candidates ``pts (N, 2)``, ``scores (N,)``: a keep mask
     ``(N,)``.  A peak of at least ``threshold`` is a tip.  A weaker one (down to
     ``low_threshold``) is a tip when it continues the staircase: its nearest strong tip
     of the class lies between ``reach[0]`` and ``reach[1]`` times the strong tips' median
     nearest-neighbour spacing (one layer period; an outermost layer dimmed by a tray or a
     fixture beside it), not nearer (a split tip's prong) and not further (a fixture).
-    Last, a tip more than ``isolation`` periods from every other tip of its class is not
-    a layer end (the tips of a class form a chain; a lone peak is a fixture or screw)."""
+    Strong peaks are never dropped for lying apart: a short anode, the defect that matters
+    most, sits far behind its neighbours along the layers."""
     strong = scores >= threshold
     weak = ~strong & (scores >= low_threshold)
     if strong.sum() < 3:
@@ -69,10 +69,6 @@ def select_tips(pts: np.ndarray, scores: np.ndarray, threshold: float, low_thres
     if weak.any():
         d_ws = np.linalg.norm(pts[weak][:, None] - s[None], axis=2).min(axis=1)
         keep[weak] = (d_ws >= reach[0] * period) & (d_ws <= reach[1] * period)
-    k = np.flatnonzero(keep)
-    d_kk = np.linalg.norm(pts[k][:, None] - pts[k][None], axis=2)
-    np.fill_diagonal(d_kk, np.inf)
-    keep[k[d_kk.min(axis=1) > isolation * period]] = False
     return keep
 
 
