@@ -45,6 +45,7 @@ STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends
 GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the tip corners'
 # chain wider than four layer pitches, within these bounds, separates the stack from a
 # fixture or wall
+LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -428,7 +429,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     x0, y0 = np.floor(poly.min(0)).astype(int)
     x1, y1 = np.ceil(poly.max(0)).astype(int) + 1
     res.box = (max(int(x0), 0), max(int(y0), 0), min(int(x1), W), min(int(y1), H))
-    _full_res_corners(img, res, p)
+    corner_set(img, res, p)
     return res
 
 
@@ -496,7 +497,23 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     while prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1 \
             and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]):
         hi_i += 1
-    return float(pos[lo_i, 0]), float(pos[hi_i, 1])
+    return float(pos[lo_i, 0]), float(_lone_layers_end(win[v0:v1], int(pos[hi_i, 1]), body, background))
+
+
+def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
+                     reach: int = LONE_REACH, wall_frac: float = 0.2) -> int:
+    """Past the band's end (column ``end`` of ``rows (R, W)``, the stack's rows of the
+    window), follow single layers that stick out further than the others: a long anode
+    is one dark row in a hundred, too little for the mean profile, but it is the defect
+    (or the borderline cell) the ROI must not cut off.  Columns where some rows are dark
+    (below the body/background midpoint) but fewer than ``wall_frac`` of them (more is a
+    wall or tray across the layers) extend the band, up to ``reach`` columns."""
+    seg = rows[:, end:end + reach]
+    if seg.size == 0:
+        return end
+    frac = (seg < 0.5 * (body + background)).mean(axis=0)  # (C,) share of dark rows per column
+    stop = np.flatnonzero((frac == 0) | (frac >= wall_frac))
+    return end + (int(stop[0]) if len(stop) else seg.shape[1])
 
 
 def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,
@@ -532,7 +549,7 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     return max(float(starts[k]), lo_a - cap), min(float(ends[k]) + 1.0, hi_a + cap)
 
 
-def _full_res_corners(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:
+def corner_set(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:
     """Fill ``res.corners`` with Q: the ``n_corners`` strongest full-resolution FAST corners
     inside the ROI, refined with ``cornerSubPix``."""
     x0, y0, x1, y1 = res.box

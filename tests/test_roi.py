@@ -186,3 +186,19 @@ def test_densest_span_leaves_out_a_fixture_beside_the_stack():
     fixture = np.array([210.0, 212.0, 240.0, 243.0])  # a screw plate 30+ px away
     lo, hi = _densest_span(np.r_[stack, fixture, 20.0], gap=16.0)
     assert (lo, hi) == (stack.min(), stack.max())
+
+
+def test_a_single_long_layer_extends_the_band():
+    """One layer in a hundred sticking out 30 columns past the others (a long anode) is too
+    little for the mean profile; the band must still reach its end, but not a wall's."""
+    from daemon.roi import _lone_layers_end
+
+    rows = np.full((100, 120), 220, np.uint8)  # background
+    rows[:, :40] = 30  # the band's stack up to column 40
+    rows[50:52, 40:70] = 40  # a long anode, 2 rows of 100, to column 70
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0) == 70
+    rows[:, 90:100] = 35  # a wall across every row further on: not followed
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0) == 70
+    wall = np.full((100, 120), 220, np.uint8)
+    wall[:, 40:60] = 35
+    assert _lone_layers_end(wall, 40, body=30.0, background=220.0) == 40
