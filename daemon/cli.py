@@ -201,6 +201,31 @@ def cmd_eval_model(a: argparse.Namespace) -> int:
         min_distance=cfg.min_distance_px if a.min_distance is None else a.min_distance))
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .evaluate_dataset import list_tasks, run_eval
+    from .pipeline import JudgeSettings
+
+    cfg = load_config(a.config)
+    settings = JudgeSettings.from_config(cfg)
+    tasks, desc = list_tasks(a.dataset, a.n)  # fails early on a bad dataset
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("polecheck eval needs the 'eval' extra (pip install -e '.[eval]') for plots and progress",
+              file=sys.stderr)
+        return 2
+    with tqdm(total=len(tasks), desc=f"eval {desc}", unit="frame") as bar:
+        summary = run_eval(a.dataset, settings, str(cfg.model.resolved_path()), cfg.model.sha256, a.out,
+                           tuple(a.fusion), tuple(a.corners), a.n, a.jobs or None, a.pixel_pitch_um, a.worst,
+                           progress=bar.update)
+    from .evaluate_dataset import markdown
+
+    print(markdown(summary))
+    print(f"results: {a.out}/results.json, report.md, pck_and_errors.png, worst/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polecheck", description="In-line X-ray electrode overhang inspection")
     p.add_argument("--version", action="version", version=f"polecheck {__version__}")
@@ -290,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=0)
     s.add_argument("--json", default=None)
     s.set_defaults(fn=cmd_eval_model)
+
+    s = sub.add_parser("eval", help="the judging path on a labelled set: NME, PCK, PCS, overhangs, verdicts, ablation")
+    s.add_argument("dataset", help="a dataset folder (project format or X-ray PBD layout) or phantoms:PRESET:N[:ROOT]")
+    s.add_argument("--out", default="out/eval", help="results.json, report.md, plots, worst-case overlays")
+    s.add_argument("--config", default=None)
+    s.add_argument("--fusion", nargs="+", choices=["off", "on"], default=["off", "on"])
+    s.add_argument("--corners", type=int, nargs="+", default=[512], metavar="N", help="corner-set sizes to ablate")
+    s.add_argument("--n", type=int, default=None, help="at most this many frames")
+    s.add_argument("--pixel-pitch-um", type=float, default=None, help="for labels without one (X-ray PBD)")
+    s.add_argument("--worst", type=int, default=8, help="overlay images of the worst frames")
+    s.add_argument("--jobs", type=int, default=0)
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("check-config", help="validate a config file and print the effective config")
     s.add_argument("file", nargs="?", default=None)

@@ -110,6 +110,28 @@ class ModelConfig(Strict):
         return p if p.is_absolute() else REPO_ROOT / p
 
 
+class FusionConfig(Strict):
+    """Stage 3 (refine): corner-prior fusion of the model's tips with the corner set Q."""
+
+    enabled: bool = Field(False, description="off by default: on phantoms it helps normal frames a little and "
+                                             "hurts hard ones (docs/accuracy.md, ablation)")
+    radius_strides: float = Field(1.5, gt=0, le=8, description="support radius in heatmap strides")
+    sigma_tip: float = Field(0.25, gt=0, le=10, description="px, a tip's scatter at heatmap score 1")
+    sigma_corner: float = Field(1.0, gt=0, le=10, description="px, a corner's scatter around its tip")
+    unsupported_factor: float = Field(0.9, gt=0, le=1, description="score multiplier for a tip without corners")
+    bias_correction: bool = Field(False, description="shift corners by the frame's median along-axis offset")
+
+    def params(self):
+        """``FusionParams`` when enabled, else None."""
+        from .fusion import FusionParams
+
+        if not self.enabled:
+            return None
+        return FusionParams(radius_strides=self.radius_strides, sigma_tip=self.sigma_tip,
+                            sigma_corner=self.sigma_corner, unsupported_factor=self.unsupported_factor,
+                            bias_correction=self.bias_correction)
+
+
 class RecipeConfig(Strict):
     """Acceptance rules for one cell type."""
 
@@ -158,6 +180,7 @@ class Config(Strict):
     ingest: IngestConfig = IngestConfig()
     roi: RoiConfig = RoiConfig()
     model: ModelConfig = ModelConfig()
+    fusion: FusionConfig = FusionConfig()
     recipe: RecipeConfig = RecipeConfig()
     feed: FeedConfig = FeedConfig()
     log: LogConfig = LogConfig()
