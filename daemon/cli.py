@@ -208,7 +208,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config)
     settings = JudgeSettings.from_config(cfg)
-    tasks, desc = list_tasks(a.dataset, a.n)  # fails early on a bad dataset
+    listed = list_tasks(a.dataset, a.n)  # fails early on a bad dataset
+    tasks, desc = listed
     try:
         from tqdm import tqdm
     except ImportError:
@@ -218,7 +219,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     with tqdm(total=len(tasks), desc=f"eval {desc}", unit="frame") as bar:
         summary = run_eval(a.dataset, settings, str(cfg.model.resolved_path()), cfg.model.sha256, a.out,
                            tuple(a.fusion), tuple(a.corners), a.n, a.jobs or None, a.pixel_pitch_um, a.worst,
-                           progress=bar.update)
+                           progress=bar.update, listed=listed)
     from .evaluate_dataset import markdown
 
     print(markdown(summary))

@@ -295,10 +295,11 @@ def overlays(rows: list[dict], key: str, out: Path, worst: int, pixel_pitch_um: 
 
 def run_eval(dataset: str, settings, model_path: str, sha256: str | None, out: str | os.PathLike,
              fusions=("off", "on"), corners=(512,), n: int | None = None, jobs: int | None = None,
-             pixel_pitch_um: float | None = None, worst: int = 8, progress=None, make_plots: bool = True) -> dict:
+             pixel_pitch_um: float | None = None, worst: int = 8, progress=None, make_plots: bool = True,
+             listed: tuple[list[tuple], str] | None = None) -> dict:
     """Evaluate ``dataset`` (see ``list_tasks``) with every fusion x corner-count variant;
     writes ``results.json``, ``report.md``, plots and worst-case overlays into ``out``."""
-    tasks, desc = list_tasks(dataset, n)
+    tasks, desc = listed or list_tasks(dataset, n)  # ``listed``: list_tasks' result, when the caller has it
     # "on" uses the config's fusion parameters (its defaults when the config leaves it off)
     fz = tuple(None if f == "off" else (settings.fusion or FusionParams()) for f in fusions)
     out = Path(out)
