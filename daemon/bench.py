@@ -153,3 +153,153 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
                      "per frame, detect_tips": summary(per_frame)},
             "crop": f"{w}x{h}", "threads": threads, "provider": m.provider, "tiles_per_frame": round(float(np.mean(tiles)), 2),
             "model_sha256": m.sha256[:12], "size": list(size), "bits": bits}
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB (Linux /proc)."""
+    cur = peak = float("nan")
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return round(cur, 1), round(peak, 1)
+
+
+def _serial_daemon(cfg, model, endpoint: str, out_endpoint: str, n: int, ctx) -> None:
+    """The serial baseline: one thread receives a frame, runs ``judge_frame`` (the same
+    stages) and publishes its verdict, one frame at a time."""
+    import json
+
+    import zmq
+
+    from .pipeline import JudgeSettings, judge_frame
+    from .protocol import decode_frame, open_socket
+
+    s = JudgeSettings.from_config(cfg)
+    pull = open_socket(ctx, zmq.PULL, endpoint, hwm=cfg.ingest.hwm)
+    pub = open_socket(ctx, zmq.PUB, out_endpoint)
+    try:
+        for _ in range(n):
+            f = decode_frame(pull.recv_multipart(copy=False))
+            t = time.monotonic()
+            res = judge_frame(f.image, f.header.pixel_pitch_um, model, s)
+            v = {"type": "frame", "seq": f.header.seq, "ts_ns": f.header.ts_ns, "verdict": res.verdict.verdict,
+                 "reasons": res.verdict.reasons, "latency_ms": (time.monotonic() - t) * 1e3}
+            pub.send_multipart([b"verdict.frame/x", json.dumps(v).encode()])
+    finally:
+        pull.close(0)
+        pub.close(0)
+
+
+@stage("pipeline")
+def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, frames: int = 200,
+                   pool_cells: int = 6, preset: str = "normal", rate_fraction: float = 0.7, **_) -> dict:
+    """Feed -> verdict on ``frames`` frames of ``size`` ``bits``-bit phantoms over loopback
+    ZeroMQ, all variants in one run:
+
+    - serial baselines: one thread receives a frame, runs ``judge_frame`` (the same stages)
+      and publishes its verdict, frame after frame; with ONNX Runtime on 1 intra-op thread
+      (truly serial) and on 2 (the model alone spreads over the cores);
+    - the App (pipelined) with the configured settings, with roi_corners in processes, and
+      with its journal and NG archive on.
+    Unpaced runs use back-pressure (no overload verdicts) and give the throughput: frames /
+    (last verdict received - first frame sent).  The paced run feeds the App at
+    ``rate_fraction`` of its throughput and gives the latency: verdict received - frame
+    sent (the header's ``ts_ns``), p50/p99.  RSS is this process's (the feed's pool of
+    ``pool_cells`` x 4 frames included)."""
+    import tempfile
+    import threading
+
+    import zmq
+
+    from .app import App
+    from .config import load_config
+    from .demo import Subscriber, wait_subscribed
+    from .feed import Feed, render_pool
+    from .model import KeypointModel
+
+    base = load_config(None)
+    m = base.model
+    models = {t: KeypointModel(m.resolved_path(), m.sha256, m.providers, t, m.fp16, m.io_binding) for t in (1, 2)}
+    for mod in models.values():
+        mod.warm_up(m.max_batch, 2)
+    pool = render_pool(pool_cells, preset, size, bits, 31415)
+
+    def cfg_for(journal: bool = False, executor: str = "thread"):
+        return base.model_copy(update={
+            "ingest": base.ingest.model_copy(update={"endpoint": "bind:tcp://127.0.0.1:*"}),
+            "output": base.output.model_copy(update={"endpoint": "bind:tcp://127.0.0.1:*"}),
+            "metrics": base.metrics.model_copy(update={"enabled": False}),
+            "journal": base.journal.model_copy(update={"enabled": journal}),
+            "archive": base.archive.model_copy(update={"enabled": journal}),
+            "pipeline": base.pipeline.model_copy(update={"admit_timeout_ms": 600_000.0, "deadline_ms": 600_000.0,
+                                                         "executor": executor})})
+
+    def run(rate: float, serial_threads: int = 0, **app_kw) -> dict:
+        ctx = zmq.Context()
+        app = thread = None
+        tmp = tempfile.TemporaryDirectory(prefix="polecheck-bench-")
+        cfg = cfg_for(**app_kw)
+        try:
+            if serial_threads:
+                ports = []
+                for kind in (zmq.PULL, zmq.PUB):
+                    probe = ctx.socket(kind)
+                    ports.append(probe.bind_to_random_port("tcp://127.0.0.1"))
+                    probe.close(0)
+                ingest, out = (f"tcp://127.0.0.1:{p}" for p in ports)
+                thread = threading.Thread(target=_serial_daemon, daemon=True, args=(
+                    cfg, models[serial_threads], "bind:" + ingest, "bind:" + out, frames, ctx))
+                thread.start()
+                time.sleep(0.2)
+            else:
+                app = App(cfg, model=models[m.threads or 2], state_dir=tmp.name).start()
+                ingest, out = app.endpoints["ingest"], app.endpoints["output"]
+            sub = Subscriber(ctx, out)
+            wait_subscribed(sub)
+            feed = Feed(ctx, "connect:" + ingest, pool, socket="push", rate_hz=rate)
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            feed.run(frames)
+            while len(sub.frames) < frames and time.perf_counter() - t0 < 600:
+                time.sleep(0.005)
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+            feed.close()
+            sub.close()
+            e2e = np.array([(v["_recv_ns"] - v["ts_ns"]) / 1e6 for v in sub.frames])
+            codes = [r["code"] for v in sub.frames for r in v["reasons"]]
+            cur, peak = _rss_mb()
+            return {"frames": len(sub.frames), "wall_s": round(wall, 2),
+                    "frames_per_s": round(len(sub.frames) / wall, 2),
+                    "cpu_ms_per_frame": round(cpu / max(1, len(sub.frames)) * 1e3, 1),
+                    "latency_p50_ms": round(float(np.percentile(e2e, 50)), 1),
+                    "latency_p99_ms": round(float(np.percentile(e2e, 99)), 1),
+                    "overload": codes.count("overload"), "rss_mb": cur, "peak_rss_mb": peak}
+        finally:
+            if app is not None:
+                app.stop(30.0)
+            if thread is not None:
+                thread.join(30.0)
+            ctx.term()
+            tmp.cleanup()
+
+    rows = {"serial, ORT 1 thread, unpaced": run(0.0, serial_threads=1),
+            "serial, ORT 2 threads, unpaced": run(0.0, serial_threads=2),
+            "pipelined App, unpaced": run(0.0)}
+    rate = round(rate_fraction * rows["pipelined App, unpaced"]["frames_per_s"], 1)
+    rows[f"pipelined App, paced {rate}/s"] = run(rate)
+    rows["pipelined App, roi_corners in processes, unpaced"] = run(0.0, executor="process")
+    rows["pipelined App + journal + NG archive, unpaced"] = run(0.0, journal=True)
+    fps = {k: v["frames_per_s"] for k, v in rows.items()}
+    return {"rows": rows,
+            "pipelined_over_serial_1t": round(fps["pipelined App, unpaced"] / fps["serial, ORT 1 thread, unpaced"], 2),
+            "pipelined_over_serial_2t": round(fps["pipelined App, unpaced"] / fps["serial, ORT 2 threads, unpaced"], 2),
+            "size": list(size), "bits": bits, "preset": preset, "provider": models[1].provider,
+            "ort_threads": m.threads, "model_workers": base.pipeline.model_workers,
+            "roi_workers": base.pipeline.roi_workers, "max_batch": m.max_batch,
+            "batch_wait_ms": base.pipeline.batch_wait_ms}

@@ -96,6 +96,27 @@ def cmd_feed(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .service import run_service
+
+    cfg = load_config(a.config)
+    logging.getLogger().setLevel(cfg.log.level if not a.verbose else "DEBUG")
+    return run_service(cfg)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .demo import run_demo
+
+    cfg = load_config(a.config)
+    logging.getLogger().setLevel("WARNING" if not a.verbose else "DEBUG")
+    s = run_demo(cfg, a.frames, a.rate, a.preset, a.state_dir, a.quiet)
+    if a.json:
+        Path(a.json).write_text(json.dumps(s, indent=1))
+    return 0 if s["exactly_one_verdict_per_frame"] else 1
+
+
 def cmd_check_config(a: argparse.Namespace) -> int:
     from .config import ConfigError, dump_config, load_config
 
@@ -115,7 +136,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     names = list(STAGES) if a.stage == "all" else [a.stage]
     results = {}
     for name in names:
-        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits)
+        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits, frames=a.frames)
         results[name] = res
         print(to_markdown(name, res))
     if a.json:
@@ -257,8 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     s.set_defaults(fn=cmd_feed)
 
+    s = sub.add_parser("run", help="the daemon: judge frames from the camera feed (systemd service)")
+    s.add_argument("--config", default=None, help="YAML config (default: $POLECHECK_CONFIG or config/default.yaml)")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("demo", help="synthetic scanner + daemon + verdict subscriber, verdicts live")
+    s.add_argument("--config", default=None)
+    s.add_argument("--frames", type=int, default=120, help="frames to feed (whole cells of 4)")
+    s.add_argument("--rate", type=float, default=10.0, help="feed frames per second (0 = unpaced)")
+    s.add_argument("--preset", choices=["normal", "hard", "defects"], default="defects",
+                   help="phantom preset of the feed (defects: about half the corners are NG)")
+    s.add_argument("--state-dir", default="out/demo", help="journal and NG archive of the demo daemon")
+    s.add_argument("--quiet", action="store_true", help="only the summary")
+    s.add_argument("--json", default=None, help="also write the summary here")
+    s.set_defaults(fn=cmd_demo)
+
     s = sub.add_parser("bench", help="measure stage speed on this machine (docs/benchmarks.md)")
-    s.add_argument("--stage", default="all", help="phantom | roi | model | all")
+    s.add_argument("--stage", default="all", help="phantom | roi | model | pipeline | all")
+    s.add_argument("--frames", type=int, default=200, help="pipeline: frames fed per variant")
     s.add_argument("--n", type=int, default=20, help="frames per variant")
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)

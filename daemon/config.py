@@ -90,14 +90,18 @@ class ModelConfig(Strict):
     providers: tuple[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], ...] = Field(
         ("CUDAExecutionProvider", "CPUExecutionProvider"), min_length=1,
         description="ONNX Runtime providers in order of preference; unavailable ones are skipped")
-    threads: int = Field(0, ge=0, le=256, description="intra-op threads on CPU (0 = ONNX Runtime default)")
+    threads: int = Field(1, ge=0, le=256, description="intra-op threads per inference on CPU (0 = ONNX Runtime "
+                                                      "default); the daemon runs pipeline.model_workers in parallel")
     threshold: float = Field(0.6, gt=0, lt=1, description="smallest heatmap peak that is a tip")
     low_threshold: float = Field(0.3, gt=0, lt=1,
                                  description="weaker peaks down to this are tips where they continue the staircase")
     tile_overlap_px: float = Field(48.0, ge=16, le=512, description="overlap of the crops that tile an ROI")
     min_distance_px: float = Field(12.0, ge=0, le=64,
                                    description="NMS: of two same-class tips closer than this only the stronger stays")
-    max_batch: int = Field(8, ge=1, le=256, description="crops per model call")
+    max_batch: int = Field(8, ge=1, le=256, description="B: crops per model call (micro-batch)")
+    fp16: bool = Field(True, description="FP16 where the provider supports it (TensorRT); CUDA/CPU run FP32")
+    io_binding: bool = Field(True, description="bind inputs/outputs once per batch (device-side output on CUDA)")
+    warmup_runs: int = Field(2, ge=0, le=100, description="model calls at start-up before READY")
 
     @model_validator(mode="after")
     def _thresholds(self):
@@ -172,6 +176,80 @@ class FeedConfig(Strict):
         return v
 
 
+class PipelineConfig(Strict):
+    """How the App runs the stages (docs/design.md, "Daemon")."""
+
+    executor: Literal["thread", "process"] = Field(
+        "thread", description="roi_corners workers: threads (OpenCV releases the GIL) or processes")
+    roi_workers: int = Field(2, ge=1, le=64, description="parallel roi_corners workers")
+    model_workers: int = Field(2, ge=1, le=16,
+                               description="keypoint_model threads sharing the session (with model.threads 1: "
+                                           "parallel single-threaded inferences)")
+    refine_workers: int = Field(1, ge=1, le=64, description="parallel refine + verdict_rules workers")
+    queue_size: int = Field(8, ge=1, le=4096, description="frames each bounded queue between stages holds")
+    batch_wait_ms: float = Field(4.0, ge=0, le=1000,
+                                 description="T: the model waits this long for more crops (B = model.max_batch)")
+    admit_timeout_ms: float = Field(50.0, ge=0, le=60_000,
+                                    description="a frame that finds the first queue full this long is NG overload")
+    deadline_ms: float = Field(2000.0, gt=0, le=600_000,
+                               description="a frame not through the model this long after arrival is NG overload")
+    max_gap_verdicts: int = Field(10_000, ge=1, le=10_000_000,
+                                  description="missing_frame verdicts emitted one per seq up to this many per gap")
+
+
+class CellsConfig(Strict):
+    """Cell aggregation: the corners of one cell_id into one cell verdict."""
+
+    corners: int = Field(4, ge=1, le=16, description="corners per cell")
+    timeout_ms: float = Field(10_000.0, gt=0, le=3_600_000,
+                              description="a cell whose corners do not all arrive within this is NG incomplete")
+    max_open: int = Field(4096, ge=1, le=1_000_000,
+                          description="open cells held at most; the oldest is closed NG incomplete beyond")
+
+
+class OutputConfig(Strict):
+    """Where verdicts go (JSON on a ZeroMQ PUB socket, docs/protocol.md)."""
+
+    endpoint: Endpoint = Field("bind:tcp://127.0.0.1:5556", description="verdict PUB socket")
+    hwm: int = Field(100_000, ge=1, le=10_000_000, description="verdicts queued per subscriber")
+
+
+class JournalConfig(Strict):
+    """Append-only verdict journal (JSON lines), written before a verdict is published."""
+
+    enabled: bool = True
+    fsync: Literal["always", "interval", "never"] = Field(
+        "interval", description="always: fsync each verdict; interval: at most every fsync_interval_ms; never: OS")
+    fsync_interval_ms: float = Field(200.0, ge=1, le=60_000)
+    max_file_mb: float = Field(256.0, gt=0, le=65536, description="a journal file is rotated at this size")
+    keep_files: int = Field(32, ge=1, le=100_000, description="rotated journal files kept")
+
+
+class ArchiveConfig(Strict):
+    """NG archive: the raw frame (16-bit PNG) and an overlay PNG of every NG frame, within a budget."""
+
+    enabled: bool = True
+    budget_mb: float = Field(2048.0, gt=0, le=10_000_000, description="oldest entries are deleted beyond this")
+    queue_size: int = Field(16, ge=1, le=4096,
+                            description="frames waiting to be written; beyond it archiving is skipped (counted)")
+
+
+class MetricsConfig(Strict):
+    """Prometheus exporter."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1, description="listen address (loopback by default)")
+    port: int = Field(9108, ge=0, le=65535, description="0: any free port")
+
+
+class ServiceConfig(Strict):
+    """systemd integration and state."""
+
+    state_dir: str | None = Field(None, description="journal and NG archive; null: $STATE_DIRECTORY, else ./var")
+    drain_s: float = Field(10.0, ge=0, le=600, description="SIGTERM: time to finish the frames in flight")
+    status_interval_s: float = Field(5.0, gt=0, le=3600, description="STATUS= line to systemd every this often")
+
+
 class LogConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -182,6 +260,13 @@ class Config(Strict):
     model: ModelConfig = ModelConfig()
     fusion: FusionConfig = FusionConfig()
     recipe: RecipeConfig = RecipeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    cells: CellsConfig = CellsConfig()
+    output: OutputConfig = OutputConfig()
+    journal: JournalConfig = JournalConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    service: ServiceConfig = ServiceConfig()
     feed: FeedConfig = FeedConfig()
     log: LogConfig = LogConfig()
 

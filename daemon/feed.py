@@ -76,7 +76,8 @@ class Feed:
                                  seq=self.seq, pixel_pitch_um=f.pixel_pitch_um, truth=f.truth)
             self.sock.send_multipart(encode_frame(header, f.image), copy=False)
             if on_frame:
-                on_frame({"cell_id": cell_id, "corner": f.corner, "seq": self.seq})
+                on_frame({"cell_id": cell_id, "corner": f.corner, "seq": self.seq,
+                          "truth": f.truth.get("verdict")})
             self.seq += 1
             self.sent += 1
             self._pace()
@@ -90,10 +91,17 @@ class Feed:
         if delay > 0:
             time.sleep(delay)
 
-    def run(self, n_frames: int | None = None, stop: threading.Event | None = None) -> int:
-        """Send whole cells until ``n_frames`` (rounded up to whole cells) or ``stop``."""
+    def run(self, n_frames: int | None = None, stop: threading.Event | None = None,
+            on_frame: Callable[[dict], None] | None = None) -> int:
+        """Send whole cells until ``n_frames`` (rounded up to whole cells) or ``stop``;
+        ``on_frame`` gets each frame's ids and the phantom's true verdict."""
         index = 0
         while (n_frames is None or self.sent < n_frames) and not (stop and stop.is_set()):
-            self.send_cell(index)
+            self.send_cell(index, on_frame)
             index += 1
         return self.sent
+
+    @property
+    def endpoint(self) -> str:
+        """The address the socket is bound/connected to (a ``*`` port resolved)."""
+        return self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()

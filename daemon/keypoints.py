@@ -35,6 +35,16 @@ def crops_for_roi(img: np.ndarray, roi, codec, overlap: float = 48.0):
     return tiles, normalise(crops)[:, None]
 
 
+def candidates_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int, int],
+                             low_threshold: float = 0.3, min_distance: float = 12.0
+                             ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decode the heatmaps ``hm (T, K, h, w)`` of the crops ``tiles`` and merge them into
+    image coordinates: per class ``(points (N, 2) x, y, scores (N,))``; ``image_size``
+    is ``(w, h)``."""
+    decoded = [codec.decode(h, low_threshold, min_distance=min_distance) for h in hm]
+    return codec.merge_tiles(decoded, tiles, image_size=image_size)
+
+
 def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, overlap: float = 48.0,
                    max_batch: int = 8, min_distance: float = 12.0) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Every peak of at least ``low_threshold`` in ``roi``: per class ``(points (N, 2) image
@@ -43,8 +53,8 @@ def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, over
     codec = model.codec
     tiles, x = crops_for_roi(img, roi, codec, overlap)
     hm = np.concatenate([model(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
-    decoded = [codec.decode(h, low_threshold, min_distance=min_distance) for h in hm]
-    return codec.merge_tiles(decoded, tiles, image_size=(img.shape[1], img.shape[0])), len(tiles)
+    image_size = (img.shape[1], img.shape[0])
+    return candidates_from_heatmaps(hm, tiles, codec, image_size, low_threshold, min_distance), len(tiles)
 
 
 def select_tips(pts: np.ndarray, scores: np.ndarray, threshold: float, low_threshold: float,
@@ -72,16 +82,29 @@ def select_tips(pts: np.ndarray, scores: np.ndarray, threshold: float, low_thres
     return keep
 
 
+def tips_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int, int], threshold: float = 0.6,
+                       low_threshold: float = 0.3, min_distance: float = 12.0) -> Tips:
+    """The tips of one frame from its crops' heatmaps ``hm (T, K, h, w)``:
+    ``candidates_from_heatmaps`` then ``select_tips`` per class (the daemon's path after
+    a batched model call)."""
+    (a, sa), (c, sc) = candidates_from_heatmaps(hm, tiles, codec, image_size, min(low_threshold, threshold),
+                                                min_distance)
+    ka = select_tips(a, sa, threshold, low_threshold)
+    kc = select_tips(c, sc, threshold, low_threshold)
+    return Tips(a[ka], sa[ka], c[kc], sc[kc], len(hm))
+
+
 def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, overlap: float = 48.0,
                 max_batch: int = 8, min_distance: float = 12.0, low_threshold: float = 0.3) -> Tips:
     """Tips of ``img`` ``(H, W)`` inside ``roi`` (a successful ``RoiResult``) with ``model``
-    (a ``KeypointModel`` or any callable with a ``codec``): ``tip_candidates`` then
-    ``select_tips`` per class."""
-    ((a, sa), (c, sc)), n_tiles = tip_candidates(img, roi, model, min(low_threshold, threshold), overlap,
-                                                 max_batch, min_distance)
-    ka = select_tips(a, sa, threshold, low_threshold)
-    kc = select_tips(c, sc, threshold, low_threshold)
-    return Tips(a[ka], sa[ka], c[kc], sc[kc], n_tiles)
+    (a ``KeypointModel`` or any callable with a ``codec``): crops, the model in batches of
+    ``max_batch``, then ``tips_from_heatmaps``."""
+    codec = model.codec
+    tiles, x = crops_for_roi(img, roi, codec, overlap)
+    hm = np.concatenate([model(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+    return tips_from_heatmaps(hm, tiles, codec, (img.shape[1], img.shape[0]), threshold, low_threshold,
+                              min_distance)
 
 
-__all__ = ["Tips", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi"]
+__all__ = ["Tips", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi", "candidates_from_heatmaps",
+           "tips_from_heatmaps"]

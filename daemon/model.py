@@ -32,7 +32,8 @@ class KeypointModel:
 
     def __init__(self, path: str | Path, sha256: str | None = None,
                  providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
-                 threads: int = 0):
+                 threads: int = 0, fp16: bool = True, io_binding: bool = False,
+                 cache_dir: str | Path | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -43,6 +44,9 @@ class KeypointModel:
         if sha256 is not None and self.sha256 != sha256.lower():
             raise ModelError(f"model {path}: sha256 {self.sha256} does not match the pinned {sha256}")
         available = set(ort.get_available_providers())
+        # our own log line reports a fallback; ORT's provider-factory errors (e.g. CUDA
+        # listed by onnxruntime-gpu on a machine without a GPU) would only repeat it
+        ort.set_default_logger_severity(3)
         chosen = [p for p in providers if p in available]
         skipped = [p for p in providers if p not in available]
         if not chosen:
@@ -53,10 +57,15 @@ class KeypointModel:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(data, so, providers=chosen)
+            self.session = ort.InferenceSession(data, so, providers=[_provider_entry(p, fp16, cache_dir)
+                                                                      for p in chosen])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelError(f"model {path}: {e}") from e
+        self.wanted = tuple(providers)
         self.provider = self.session.get_providers()[0]
+        #: True when the preferred provider is not the one running (logged, and a metric)
+        self.fallback = self.provider != providers[0]
+        self.fp16 = bool(fp16 and self.provider == "TensorrtExecutionProvider")
         if skipped or self.provider != chosen[0]:
             log.warning("model providers: wanted %s, running on %s (unavailable: %s)",
                         list(providers), self.provider, skipped)
@@ -68,13 +77,45 @@ class KeypointModel:
         self.metadata = {k: json.loads(v) for k, v in meta.items() if k.startswith("polecheck.")}
         self.path = path
         self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
+        # IO binding: the output stays on the device between the run and the copy (CUDA,
+        # TensorRT); on CPU it is plain session.run.
+        self._device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.io_binding = bool(io_binding and self._device == "cuda")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
         w, h = self.codec.input_size
         if x.ndim != 4 or x.shape[1:] != (1, h, w):
             raise ValueError(f"model input must be (B, 1, {h}, {w}), got {x.shape}")
-        return self.session.run(None, {self._input: x})[0]
+        if not self.io_binding:
+            return self.session.run(None, {self._input: x})[0]
+        b = self.session.io_binding()  # per call: a binding is not thread-safe
+        b.bind_cpu_input(self._input, x)
+        b.bind_output(self._output, self._device)
+        self.session.run_with_iobinding(b)
+        return b.copy_outputs_to_cpu()[0]
+
+    def warm_up(self, batch: int, runs: int = 2) -> float:
+        """Run ``runs`` zero batches of ``batch`` crops (graph optimisation, memory arenas,
+        TensorRT engine build happen here, not on the first frame); returns the seconds taken."""
+        import time
+
+        w, h = self.codec.input_size
+        t = time.perf_counter()
+        for _ in range(runs):
+            self(np.zeros((batch, 1, h, w), np.float32))
+        return time.perf_counter() - t
+
+
+def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None):
+    """``(provider, options)`` for ``InferenceSession``: TensorRT gets FP16 and an engine cache."""
+    if name == "TensorrtExecutionProvider":
+        opts = {"trt_fp16_enable": bool(fp16)}
+        if cache_dir is not None:
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
+        return name, opts
+    return name, {}
 
 
 __all__ = ["KeypointModel", "ModelError"]

@@ -1,0 +1,87 @@
+"""systemd integration without a dependency: the sd_notify datagram protocol.
+
+``notify("READY=1")`` sends one datagram to the AF_UNIX socket named by ``$NOTIFY_SOCKET``
+(a path, or ``@name`` for the abstract namespace); without it (not under systemd) it does
+nothing.  ``watchdog_interval()`` is half of ``$WATCHDOG_USEC`` when that is meant for this
+process (``$WATCHDOG_PID`` absent or ours), else None.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger("polecheck.service")
+
+
+def notify(message: str, environ=None) -> bool:
+    """Send ``message`` (e.g. ``READY=1``, ``WATCHDOG=1``, ``STOPPING=1``, ``STATUS=...``);
+    True when it was sent."""
+    env = os.environ if environ is None else environ
+    addr = env.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    elif not addr.startswith("/"):
+        log.warning("NOTIFY_SOCKET %r is neither a path nor @abstract: not notifying", addr)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", message.split("=")[0], e)
+        return False
+
+
+def watchdog_interval(environ=None) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings (half the configured WatchdogSec), or None."""
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return None
+    try:
+        return max(int(usec) / 2e6, 0.01)
+    except ValueError:
+        return None
+
+
+def run_service(cfg, environ=None, stop_event=None) -> int:
+    """``polecheck run``: build and start the App, tell systemd READY, ping the watchdog
+    while every stage is alive, report STATUS, and on SIGTERM/SIGINT send STOPPING and
+    drain (``service.drain_s``).  Returns the exit code (0: drained in time)."""
+    import signal
+    import threading
+    import time
+
+    from .app import App
+
+    env = os.environ if environ is None else environ
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    notify("STATUS=loading the model", env)
+    app = App(cfg).start()
+    wd = watchdog_interval(env)
+    notify(f"READY=1\nSTATUS={app.status()}\nMAINPID={os.getpid()}", env)
+    log.info("ready%s", f" (watchdog every {wd:.1f} s)" if wd else "")
+    next_status = time.monotonic() + cfg.service.status_interval_s
+    tick = min(wd or 1.0, 1.0)
+    while not stop.wait(tick):
+        if wd is not None:
+            if app.healthy(max(2 * wd, 1.0)):
+                notify("WATCHDOG=1", env)
+            else:
+                log.error("a stage is stuck or dead: no watchdog ping (systemd will restart the service)")
+        if time.monotonic() >= next_status:
+            notify(f"STATUS={app.status()}", env)
+            next_status += cfg.service.status_interval_s
+    notify(f"STOPPING=1\nSTATUS=draining {app.in_flight} frame(s)", env)
+    log.info("stopping: draining %d frame(s), at most %.1f s", app.in_flight, cfg.service.drain_s)
+    drained = app.stop()
+    return 0 if drained else 1

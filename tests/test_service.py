@@ -1,0 +1,159 @@
+"""systemd integration: sd_notify datagrams, the watchdog interval, the unit file, and
+`polecheck run` as systemd runs it (READY, WATCHDOG, SIGTERM -> STOPPING + drain)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zmq
+
+from daemon.feed import render_pool
+from daemon.protocol import encode_frame, make_header
+from daemon.service import notify, watchdog_interval
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "polecheck.service"
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    s.bind(path)
+    s.settimeout(0.2)
+    yield s, path
+    s.close()
+
+
+def _messages(sock, until: str, timeout: float) -> list[str]:
+    """Datagrams received until one contains ``until`` (or the timeout)."""
+    out = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            msg = sock.recv(4096).decode()
+        except socket.timeout:
+            continue
+        out.append(msg)
+        if until in msg:
+            break
+    return out
+
+
+def test_notify_path_and_abstract_socket(notify_socket):
+    s, path = notify_socket
+    assert notify("READY=1", {"NOTIFY_SOCKET": path})
+    assert s.recv(100) == b"READY=1"
+    a = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"polecheck-test-{os.getpid()}"
+    a.bind("\0" + name)
+    try:
+        assert notify("WATCHDOG=1", {"NOTIFY_SOCKET": "@" + name})
+        assert a.recv(100) == b"WATCHDOG=1"
+    finally:
+        a.close()
+    assert not notify("READY=1", {})  # not under systemd: nothing to do
+
+
+def test_watchdog_interval():
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None  # meant for another process
+    assert watchdog_interval({}) is None
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_file_verifies(tmp_path):
+    """``systemd-analyze verify`` on the shipped unit, with ExecStart pointed at this
+    environment's console script (verify checks that the binary exists).  Verify exits 0 on
+    settings it ignores, so its messages about the unit must be empty too."""
+    exe = Path(sys.executable).parent / "polecheck"
+    assert exe.exists(), "the console script is installed with the package"
+    text = UNIT.read_text()
+    assert "Type=notify" in text and "WatchdogSec=" in text and "Restart=on-failure" in text
+    unit = tmp_path / "polecheck.service"
+    unit.write_text(text.replace("/opt/polecheck/.venv/bin/polecheck", str(exe))
+                    .replace("WorkingDirectory=/opt/polecheck", f"WorkingDirectory={ROOT}"))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    messages = [ln for ln in (r.stdout + r.stderr).splitlines() if "polecheck.service" in ln]
+    assert r.returncode == 0 and not messages, r.stdout + r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return ""
+
+
+def test_run_under_systemd_protocol(notify_socket, tmp_path):
+    """`polecheck run` as a Type=notify service: READY after start-up, WATCHDOG pings,
+    STATUS lines; SIGTERM sends STOPPING and drains: every frame it received gets its
+    verdict, and it exits 0."""
+    sock, path = notify_socket
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    in_port = push.bind_to_random_port("tcp://127.0.0.1")
+    out_port, metrics_port = _free_port(), _free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
+           "POLECHECK_INGEST__ENDPOINT": f"connect:tcp://127.0.0.1:{in_port}",
+           "POLECHECK_OUTPUT__ENDPOINT": f"bind:tcp://127.0.0.1:{out_port}",
+           "POLECHECK_METRICS__PORT": str(metrics_port), "POLECHECK_SERVICE__STATE_DIR": str(tmp_path / "state"),
+           "POLECHECK_MODEL__PROVIDERS": "[CPUExecutionProvider]", "POLECHECK_SERVICE__STATUS_INTERVAL_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"verdict.frame")
+    try:
+        got = _messages(sock, "READY=1", 120)
+        assert any("READY=1" in m for m in got), got
+        got = _messages(sock, "WATCHDOG=1", 3)
+        assert any("WATCHDOG=1" in m for m in got), got
+        assert any(m.startswith("STATUS=") for m in _messages(sock, "STATUS=", 3))
+        sub.connect(f"tcp://127.0.0.1:{out_port}")
+        time.sleep(0.5)  # the subscription reaches the PUB socket
+        cell = render_pool(2, "normal", (256, 256), 16, seed=99, jobs=1)
+        for seq in range(8):
+            f = cell[seq // 4][seq % 4]
+            h = make_header(f.image, scanner_id="s", cell_id=f"c{seq // 4}", corner=f.corner, seq=seq,
+                            pixel_pitch_um=f.pixel_pitch_um)
+            push.send_multipart(encode_frame(h, f.image), copy=False)
+        end = time.monotonic() + 30
+        while "polecheck_frames_received_total 8.0" not in _scrape(metrics_port) and time.monotonic() < end:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # frames are still in flight
+        got = _messages(sock, "STOPPING=1", 20)
+        assert any("STOPPING=1" in m for m in got), got
+        assert proc.wait(30) == 0
+        seqs = []
+        while sub.poll(500):
+            seqs.append(json.loads(sub.recv_multipart()[1])["seq"])
+        assert sorted(seqs) == list(range(8))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out = proc.stdout.read().decode(errors="replace")
+        proc.stdout.close()
+        push.close(0)
+        sub.close(0)
+        ctx.term()
+    assert "drained" in out, out[-2000:]
