@@ -169,19 +169,16 @@ def _rss_mb() -> tuple[float, float]:
     return round(cur, 1), round(peak, 1)
 
 
-def _serial_daemon(cfg, model, endpoint: str, out_endpoint: str, n: int, ctx) -> None:
-    """The serial baseline: one thread receives a frame, runs ``judge_frame`` (the same
-    stages) and publishes its verdict, one frame at a time."""
+def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
+    """The serial baseline: one thread receives a frame on ``pull``, runs ``judge_frame``
+    (the same stages) and publishes its verdict on ``pub``, one frame at a time, ``n``
+    frames; then closes both sockets (handed over by the thread that opened them)."""
     import json
 
-    import zmq
-
     from .pipeline import JudgeSettings, judge_frame
-    from .protocol import decode_frame, open_socket
+    from .protocol import decode_frame
 
     s = JudgeSettings.from_config(cfg)
-    pull = open_socket(ctx, zmq.PULL, endpoint, hwm=cfg.ingest.hwm)
-    pub = open_socket(ctx, zmq.PUB, out_endpoint)
     try:
         for _ in range(n):
             f = decode_frame(pull.recv_multipart(copy=False))
@@ -221,6 +218,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     from .demo import Subscriber, wait_subscribed
     from .feed import Feed, render_pool
     from .model import KeypointModel
+    from .protocol import open_socket
 
     base = load_config(None)
     m = base.model
@@ -246,16 +244,12 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
         cfg = cfg_for(**app_kw)
         try:
             if serial_threads:
-                ports = []
-                for kind in (zmq.PULL, zmq.PUB):
-                    probe = ctx.socket(kind)
-                    ports.append(probe.bind_to_random_port("tcp://127.0.0.1"))
-                    probe.close(0)
-                ingest, out = (f"tcp://127.0.0.1:{p}" for p in ports)
-                thread = threading.Thread(target=_serial_daemon, daemon=True, args=(
-                    cfg, models[serial_threads], "bind:" + ingest, "bind:" + out, frames, ctx))
+                pull = open_socket(ctx, zmq.PULL, "bind:tcp://127.0.0.1:*", hwm=cfg.ingest.hwm)
+                pub = open_socket(ctx, zmq.PUB, "bind:tcp://127.0.0.1:*")
+                ingest, out = (sk.getsockopt(zmq.LAST_ENDPOINT).decode() for sk in (pull, pub))
+                thread = threading.Thread(target=_serial_daemon, daemon=True,
+                                          args=(cfg, models[serial_threads], pull, pub, frames))
                 thread.start()
-                time.sleep(0.2)
             else:
                 app = App(cfg, model=models[m.threads or 2], state_dir=tmp.name).start()
                 ingest, out = app.endpoints["ingest"], app.endpoints["output"]

@@ -323,3 +323,16 @@ def test_archive_keeps_its_budget(tmp_path):
     assert total <= 1024 * 1024 and total == a.bytes
     kept = sorted(int(p.name.split("_")[2]) for p in tmp_path.glob("*.json"))
     assert kept == list(range(12 - len(kept), 12)) and 2 <= len(kept) < 12  # the oldest went first
+
+
+def test_bench_pipeline_smoke():
+    """`polecheck bench --stage pipeline` end to end on tiny frames: every variant judges
+    every frame, none overloaded (the bench feeds with back-pressure)."""
+    from daemon.bench import bench_pipeline
+
+    res = bench_pipeline(size=(256, 256), bits=16, frames=16, pool_cells=2)
+    assert len(res["rows"]) == 6
+    for name, row in res["rows"].items():
+        assert row["frames"] == 16 and row["overload"] == 0, (name, row)
+        assert row["frames_per_s"] > 0 and row["latency_p99_ms"] >= row["latency_p50_ms"] > 0
+    assert res["pipelined_over_serial_1t"] > 0
