@@ -44,8 +44,10 @@ class KeypointModel:
         if sha256 is not None and self.sha256 != sha256.lower():
             raise ModelError(f"model {path}: sha256 {self.sha256} does not match the pinned {sha256}")
         available = set(ort.get_available_providers())
-        # our own log line reports a fallback; ORT's provider-factory errors (e.g. CUDA
-        # listed by onnxruntime-gpu on a machine without a GPU) would only repeat it
+        if not _has_nvidia_device():
+            # onnxruntime-gpu lists the GPU providers on any machine; without a device they
+            # can only fail (with a long library error), so they are skipped up front
+            available -= {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
         ort.set_default_logger_severity(3)
         chosen = [p for p in providers if p in available]
         skipped = [p for p in providers if p not in available]
@@ -67,8 +69,10 @@ class KeypointModel:
         self.fallback = self.provider != providers[0]
         self.fp16 = bool(fp16 and self.provider == "TensorrtExecutionProvider")
         if skipped or self.provider != chosen[0]:
-            log.warning("model providers: wanted %s, running on %s (unavailable: %s)",
-                        list(providers), self.provider, skipped)
+            failed = [p for p in chosen if p not in self.session.get_providers()]
+            log.warning("model providers: wanted %s, running on %s (not available here: %s%s)",
+                        list(providers), self.provider, skipped or "none",
+                        f"; failed to start: {failed}, see ONNX Runtime's error above" if failed else "")
         meta = self.session.get_modelmeta().custom_metadata_map
         if "polecheck.codec" not in meta:
             raise ModelError(f"model {path} has no polecheck.codec metadata (not exported by polecheck export)")
@@ -106,6 +110,12 @@ class KeypointModel:
         for _ in range(runs):
             self(np.zeros((batch, 1, h, w), np.float32))
         return time.perf_counter() - t
+
+
+def _has_nvidia_device() -> bool:
+    """An NVIDIA driver device node exists (``/dev/nvidiactl``; also inside containers
+    that were given the GPU)."""
+    return Path("/dev/nvidiactl").exists()
 
 
 def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None):
