@@ -313,11 +313,13 @@ def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
 
 def _chain_gap(v: np.ndarray) -> float:
     """The widest gap ``_densest_span`` bridges in the tip corners' chain ``v`` ``(K,)``:
-    four layer pitches (the median step between distinct tips; the outermost layers next to
+    four layer pitches (the upper-quartile step between corners; the outermost layers next to
     a wall can lose their corners), within ``GAP_V``."""
     steps = np.diff(np.sort(v))
     steps = steps[steps > 1.5]  # several corners on one tip are < 1.5 px apart
-    pitch = _quantile(steps, 0.5) if len(steps) else GAP_V[0] / 4
+    # the upper quartile: a tip often has two or three corners 2-3 px apart, and those
+    # steps would pull a median below the pitch between tips
+    pitch = _quantile(steps, 0.75) if len(steps) else GAP_V[0] / 4
     return float(np.clip(4.0 * pitch, *GAP_V))
 
 
@@ -522,11 +524,12 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     is high across the stack and falls to the background's level past its outer layers.
 
     Rows whose energy reaches a quarter of the in-stack level (the 90th percentile over the
-    anchor, the tip-like corners' v span) are hot; hot runs closer than ``min_gap`` px are
-    joined (longer than any gap between two layers, <= 9 px at this scale, so the dips
-    between layers never split the stack), and the joined run with the most energy inside
-    the anchor is the stack.  Noise corners in a bright, noisy background can stretch the
-    anchor, but not the stack's energy.  The outermost tips are corners too, so an edge is
+    anchor, the tip-like corners' v span) are hot; hot runs closer than ``min_gap`` px, or
+    four periods of the hot runs (up to ``2 * min_gap``), are joined (longer than any gap
+    between two layers, <= 9 px at this scale, so the dips between layers never split the
+    stack, nor do a short layer's missing edges), and the joined run with the most energy
+    inside the anchor is the stack.  Noise corners in a bright, noisy background can
+    stretch the anchor, but not the stack's energy.  The outermost tips are corners too, so an edge is
     never more than ``cap`` px (two to three layer pitches) beyond the anchor: a wall or
     tray right next to the stack cannot stretch the ROI.  Returns ``(top, bottom)`` rows.
     """
@@ -542,7 +545,12 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     runs = _runs(e >= 0.25 * level)
     if not len(runs):
         return None
-    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= min_gap) + 1))  # of each group
+    # a short (defective) layer leaves no edges in the band for two or three layer
+    # pitches: gaps up to four periods of the hot runs inside the anchor are joined too
+    inside = runs[(runs[:, 0] >= lo_a) & (runs[:, 0] <= hi_a), 0]
+    period = _quantile(np.diff(inside).astype(np.float64), 0.5) if len(inside) > 2 else 0.0
+    join = float(np.clip(4.0 * period, min_gap, 2 * min_gap))
+    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= join) + 1))  # of each group
     starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
     csum = np.concatenate(([0.0], np.cumsum(e)))
     k = int(np.argmax(csum[np.clip(ends, lo_a, hi_a)] - csum[np.clip(starts, lo_a, hi_a)]))
