@@ -82,6 +82,26 @@ def select_tips(pts: np.ndarray, scores: np.ndarray, threshold: float, low_thres
     return keep
 
 
+def same_layer_keep(v: np.ndarray, scores: np.ndarray, v_all: np.ndarray, frac: float = 0.75) -> np.ndarray:
+    """One tip per layer: a keep mask ``(N,)`` for one class's tips at stacking-axis
+    positions ``v (N,)`` with ``scores (N,)``; ``v_all (M,)`` are all tips' positions
+    (both classes).  The layer pitch is the median step between neighbouring tips; a tip
+    within ``frac`` pitches of a stronger tip of its class is on the same layer (a split
+    tip's prong, the second peak of a folded tip, a blob on the layer's line) and is
+    dropped.  Real neighbours of one class are two pitches apart, so ``frac`` < 1 never
+    merges two layers, not even across a missing one."""
+    keep = np.ones(len(v), bool)
+    steps = np.diff(np.sort(np.asarray(v_all, np.float64)))
+    steps = steps[steps > 1.0]
+    if len(v) < 2 or len(steps) < 2:
+        return keep
+    thr = frac * float(np.median(steps))
+    d = np.abs(v[:, None] - v[None, :])
+    idx = np.arange(len(v))
+    stronger = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (idx[None, :] < idx[:, None]))
+    return ~((d < thr) & stronger).any(axis=1)
+
+
 def tips_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int, int], threshold: float = 0.6,
                        low_threshold: float = 0.3, min_distance: float = 12.0) -> Tips:
     """The tips of one frame from its crops' heatmaps ``hm (T, K, h, w)``:
@@ -107,4 +127,4 @@ def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, overlap: fl
 
 
 __all__ = ["Tips", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi", "candidates_from_heatmaps",
-           "tips_from_heatmaps"]
+           "tips_from_heatmaps", "same_layer_keep"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .fusion import FusionParams, fuse
-from .keypoints import Tips, detect_tips
+from .keypoints import Tips, detect_tips, same_layer_keep
 from .roi import RoiParams, RoiResult, corner_set, detect_roi
 from .rules import CornerVerdict, OverhangLimits, judge_corner
 
@@ -38,6 +38,7 @@ class JudgeSettings:
     min_distance: float = 12.0
     max_batch: int = 8
     fusion: FusionParams | None = None
+    one_tip_per_layer: bool = True
     limits: OverhangLimits = OverhangLimits(750.0, 2250.0)
 
     @classmethod
@@ -77,6 +78,11 @@ def refine_and_judge(roi: RoiResult, tips: Tips | None, pixel_pitch_um: float, s
         return FrameResult(v, roi, tips, times=times)
     t = time.perf_counter()
     a, sa, c, sc = tips.anodes, tips.anode_scores, tips.cathodes, tips.cathode_scores
+    if s.one_tip_per_layer and len(a) + len(c) > 2:
+        va, vc = roi.to_canonical(a)[:, 1], roi.to_canonical(c)[:, 1]
+        v_all = np.r_[va, vc]
+        ka, kc = same_layer_keep(va, sa, v_all), same_layer_keep(vc, sc, v_all)
+        a, sa, c, sc = a[ka], sa[ka], c[kc], sc[kc]
     if s.fusion is not None:
         th = math.radians(roi.angle_deg)
         axis = np.array([math.cos(th), math.sin(th)])

@@ -38,3 +38,31 @@ def test_a_short_anode_far_behind_its_neighbours_stays():
     pts = np.vstack([chain, short])
     scores = np.r_[rng.uniform(0.7, 1.0, 10), [0.95]].astype(np.float32)
     assert select_tips(pts, scores, threshold=0.6, low_threshold=0.3).all()
+
+
+def test_same_layer_keep_drops_a_prong_but_never_a_layer():
+    from daemon.keypoints import same_layer_keep
+
+    rng = np.random.default_rng(11)
+    pitch = 16.0
+    n = 21
+    v_all = np.arange(n) * pitch + rng.normal(0, 0.4, n)  # alternating anode/cathode tips
+    va, vc = v_all[0::2], v_all[1::2]
+    sa = rng.uniform(0.7, 1.0, len(va)).astype(np.float32)
+    # a split tip: a weaker second anode peak 0.5 pitch beside anode 4
+    va2 = np.r_[va, va[4] + 0.5 * pitch]
+    sa2 = np.r_[sa, 0.65].astype(np.float32)
+    keep = same_layer_keep(va2, sa2, np.r_[va2, vc])
+    assert keep[:-1].all() and not keep[-1]
+    # the stronger of the two stays, whichever it is
+    sa3 = sa2.copy()
+    sa3[-1] = 1.5
+    keep = same_layer_keep(va2, sa3, np.r_[va2, vc])
+    assert not keep[4] and keep[-1] and keep.sum() == len(va)
+    # a missing cathode (a missing layer, NG): its two anode neighbours are two pitches
+    # apart with nothing between them; both stay
+    vc_missing = np.delete(vc, 3)
+    assert same_layer_keep(va, sa, np.r_[va, vc_missing]).all()
+    assert same_layer_keep(vc_missing, np.ones(len(vc_missing), np.float32), np.r_[va, vc_missing]).all()
+    # too few tips to know the pitch: nothing is dropped
+    assert same_layer_keep(np.array([0.0, 3.0]), np.array([1.0, 0.5]), np.array([0.0, 3.0])).all()
