@@ -24,6 +24,7 @@ worker processes) measured slower (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,6 +55,8 @@ STAGES = ("frame_receiver", "roi_corners", "keypoint_model", "refine", "verdict_
           "verdict_publisher")
 QUEUES = ("roi_corners", "keypoint_model", "refine", "cell_aggregator", "verdict_publisher")
 VERDICT_TOPIC = b"verdict"
+#: decode errors raised after every header field was validated: their ids can be trusted
+VALIDATED_HEADER_ERRORS = ("bad_dtype", "bad_shape", "frame_too_large", "size_mismatch")
 
 
 @dataclass
@@ -280,6 +283,14 @@ class App:
         job.verdict = self._verdict(job, NG, [{"code": code, **detail}])
         self._put("cell_aggregator", job)
 
+    def _failed(self, job: Job, stage: str, e: Exception) -> None:
+        """A stage raised on this frame: NG ``internal_error``, logged with the traceback and
+        counted; the stage goes on with the next frame."""
+        log.exception("stage %s failed on frame %s seq %s", stage, job.meta.get("cell_id"), job.meta.get("seq"))
+        self.metrics.internal_errors.labels(stage=stage).inc()
+        job.crops = job.heatmaps = None
+        self._decided(job, "internal_error", stage=stage, error=f"{type(e).__name__}: {e}"[:300])
+
     def _late(self, job: Job) -> bool:
         """Past its deadline, or the drain gave up: decided NG here (True)."""
         if self._abort.is_set():
@@ -317,10 +328,10 @@ class App:
             try:
                 frame = decode_frame(parts, self.limits)
             except FrameError as e:
-                h = e.header
+                # the ids are known only where the header's fields passed validation (the
+                # error came later); otherwise the seq is left to the gap check
+                h = e.header if e.kind in VALIDATED_HEADER_ERRORS else {}
                 job.meta.update({k: h.get(k) for k in ("scanner_id", "cell_id", "corner", "seq", "ts_ns")})
-                job.meta = {k: (v if isinstance(v, (str, int)) and not isinstance(v, bool) else None)
-                            for k, v in job.meta.items()}
                 self.metrics.frame_errors.labels(kind=e.kind).inc()
                 log.warning("bad frame: %s", str(e)[:200])
                 self._sequence(job.meta.get("scanner_id"), job.meta.get("seq"))
@@ -344,7 +355,7 @@ class App:
         if not isinstance(scanner_id, str) or not isinstance(seq, int) or isinstance(seq, bool):
             return
         last = self.last_seq.get(scanner_id)
-        self.last_seq[scanner_id] = seq if last is None or seq > last else (seq if seq < last else last)
+        self.last_seq[scanner_id] = seq
         if last is None or seq == last + 1:
             return
         if seq <= last:
@@ -377,11 +388,15 @@ class App:
             if job is None or self._late(job):
                 continue
             t = time.perf_counter()
-            if self.pool is not None:
-                fut = self.pool.submit(_roi_task, np.array(job.image), s.roi, codec, s.overlap)
-                job.roi, job.tiles, job.crops, t_roi, t_crops = fut.result()
-            else:
-                job.roi, job.tiles, job.crops, t_roi, t_crops = _roi_task(job.image, s.roi, codec, s.overlap)
+            try:
+                if self.pool is not None:
+                    fut = self.pool.submit(_roi_task, np.array(job.image), s.roi, codec, s.overlap)
+                    job.roi, job.tiles, job.crops, t_roi, t_crops = fut.result()
+                else:
+                    job.roi, job.tiles, job.crops, t_roi, t_crops = _roi_task(job.image, s.roi, codec, s.overlap)
+            except Exception as e:
+                self._failed(job, "roi_corners", e)
+                continue
             wall = time.perf_counter() - t
             job.times["roi_corners"] = wall - t_crops
             if job.roi.ok:
@@ -416,8 +431,13 @@ class App:
                 batch.append(job)
                 n += len(job.crops)
             t = time.perf_counter()
-            x = np.concatenate([j.crops for j in batch])
-            hm = np.concatenate([self.model(x[i:i + B]) for i in range(0, len(x), B)])
+            try:
+                x = np.concatenate([j.crops for j in batch])
+                hm = np.concatenate([self.model(x[i:i + B]) for i in range(0, len(x), B)])
+            except Exception as e:
+                for j in batch:
+                    self._failed(j, "keypoint_model", e)
+                continue
             dt = time.perf_counter() - t
             self.metrics.batch_size.observe(len(x))
             self.metrics.batch_frames.observe(len(batch))
@@ -435,34 +455,42 @@ class App:
             job = self._get("refine")
             if job is None:
                 continue
-            tips = None
-            if job.roi.ok:
-                t = time.perf_counter()
-                h, w = job.image.shape
-                tips = tips_from_heatmaps(job.heatmaps, job.tiles, codec, (w, h), s.threshold, s.low_threshold,
-                                          s.min_distance)
-                job.heatmaps = None
-                job.times["keypoint_model"] += time.perf_counter() - t
-                self.metrics.stage_seconds.labels(stage="keypoint_model").observe(job.times["keypoint_model"])
-            res = refine_and_judge(job.roi, tips, job.meta["pixel_pitch_um"], s, codec.stride, job.times)
-            job.times = res.times
-            for st in ("refine", "verdict_rules"):
-                if st in res.times:
-                    self.metrics.stage_seconds.labels(stage=st).observe(res.times[st])
-            job.result = res
-            v = res.verdict
-            extra = v.to_dict()
-            extra.pop("verdict"), extra.pop("reasons")
-            r = job.roi
-            extra.update(
-                anodes=_points(res.anodes), anode_scores=np.round(res.anode_scores, 3).tolist(),
-                cathodes=_points(res.cathodes), cathode_scores=np.round(res.cathode_scores, 3).tolist(),
-                roi={"direction": r.direction, "angle_deg": round(r.angle_deg, 3),
-                     "centre": np.round(r.centre, 2).tolist(), "size": [round(r.size[0], 2), round(r.size[1], 2)]}
-                if r.ok else None,
-                n_corners=int(len(r.corners)))
-            job.verdict = self._verdict(job, v.verdict, v.reasons, extra)
+            try:
+                self._refine(job, s, codec)
+            except Exception as e:
+                self._failed(job, "refine", e)
+                continue
             self._put("cell_aggregator", job)
+
+    def _refine(self, job: Job, s: JudgeSettings, codec) -> None:
+        """refine + verdict_rules on one job: sets ``job.result`` and ``job.verdict``."""
+        tips = None
+        if job.roi.ok:
+            t = time.perf_counter()
+            h, w = job.image.shape
+            tips = tips_from_heatmaps(job.heatmaps, job.tiles, codec, (w, h), s.threshold, s.low_threshold,
+                                      s.min_distance)
+            job.heatmaps = None
+            job.times["keypoint_model"] += time.perf_counter() - t
+            self.metrics.stage_seconds.labels(stage="keypoint_model").observe(job.times["keypoint_model"])
+        res = refine_and_judge(job.roi, tips, job.meta["pixel_pitch_um"], s, codec.stride, job.times)
+        job.times = res.times
+        for st in ("refine", "verdict_rules"):
+            if st in res.times:
+                self.metrics.stage_seconds.labels(stage=st).observe(res.times[st])
+        job.result = res
+        v = res.verdict
+        extra = v.to_dict()
+        extra.pop("verdict"), extra.pop("reasons")
+        r = job.roi
+        extra.update(
+            anodes=_points(res.anodes), anode_scores=np.round(res.anode_scores, 3).tolist(),
+            cathodes=_points(res.cathodes), cathode_scores=np.round(res.cathode_scores, 3).tolist(),
+            roi={"direction": r.direction, "angle_deg": round(r.angle_deg, 3),
+                 "centre": np.round(r.centre, 2).tolist(), "size": [round(r.size[0], 2), round(r.size[1], 2)]}
+            if r.ok else None,
+            n_corners=int(len(r.corners)))
+        job.verdict = self._verdict(job, v.verdict, v.reasons, extra)
 
     def _aggregator(self) -> None:
         """cell_aggregator: forwards frame verdicts and closes cells (all corners in, or NG
@@ -516,6 +544,8 @@ class App:
             item = self._get("verdict_publisher")
             if self.journal:
                 self.journal.tick()
+            for name, q in self.queues.items():
+                self.metrics.queue_depth.labels(queue=name).set(q.qsize())
             if item is None:
                 continue
             t = time.perf_counter()
@@ -525,11 +555,11 @@ class App:
                 v["times_ms"] = {k: round(x * 1000.0, 3) for k, x in item.times.items()}
             else:
                 v = item
+            payload = _json(v)
             if self.journal:
-                self.journal.append(v)
-            scanner = (v.get("scanner_id") or "unknown").encode()
-            self.pub.send_multipart([VERDICT_TOPIC + b"." + v["type"].encode() + b"/" + scanner,
-                                     _json(v)])
+                self.journal.append_line(payload)
+            scanner = str(v.get("scanner_id") or "unknown").encode()
+            self.pub.send_multipart([VERDICT_TOPIC + b"." + v["type"].encode() + b"/" + scanner, payload])
             if isinstance(item, Job):
                 self.metrics.verdicts.labels(verdict=v["verdict"]).inc()
                 for r in v["reasons"]:
@@ -549,11 +579,23 @@ class App:
                 with self._lock:
                     self.counts["cells"] += 1
             self.metrics.stage_seconds.labels(stage="verdict_publisher").observe(time.perf_counter() - t)
-            for name, q in self.queues.items():
-                self.metrics.queue_depth.labels(queue=name).set(q.qsize())
+
+
+def _finite(x):
+    """``x`` with non-finite floats as None, recursively (JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _json(v: dict) -> bytes:
-    import json
-
-    return json.dumps(v, separators=(",", ":"), allow_nan=False).encode()
+    """Compact JSON of a verdict; a NaN/inf (never expected) becomes null, not a crash."""
+    try:
+        return json.dumps(v, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        log.error("verdict with a non-finite number (seq %s): written as null", v.get("seq"))
+        return json.dumps(_finite(v), separators=(",", ":"), allow_nan=False).encode()

@@ -49,7 +49,11 @@ class Journal:
 
     def append(self, record: dict) -> None:
         """Write one record (a line) and fsync per the policy."""
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        self.append_line(json.dumps(record, separators=(",", ":"), allow_nan=False).encode())
+
+    def append_line(self, payload: bytes) -> None:
+        """Write one JSON object ``payload`` (no newline) as a line; fsync per the policy."""
+        line = payload + b"\n"
         if self._size + len(line) > self.max_bytes and self._size > 0:
             self._sync()
             self._f.close()

@@ -7,7 +7,7 @@ Series (all prefixed ``polecheck_``; docs/monitoring.md lists them with the aler
 ``verdicts_total{verdict}``, ``cell_verdicts_total{verdict}``, ``reasons_total{code}``,
 ``batch_size`` (crops per model call), ``batch_frames`` (frames per model call),
 ``model_provider_info{provider,wanted}``, ``model_provider_fallback``, ``model_info{sha256,path}``,
-``build_info{version,python,onnxruntime}``, ``journal_fsync_seconds``, ``archive_*``, ``open_cells``.
+``build_info{version,python,onnxruntime}``, ``journal_fsync_seconds``, ``archive_*``, ``open_cells``, ``internal_errors_total{stage}``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class Metrics:
                                        "NG frames not archived (archive queue full or write error)", registry=r)
         self.archive_bytes = Gauge("polecheck_archive_bytes", "bytes held by the NG archive", registry=r)
         self.open_cells = Gauge("polecheck_open_cells", "cells waiting for corners", registry=r)
+        self.internal_errors = Counter("polecheck_internal_errors", "frames a stage raised on (NG internal_error)",
+                                       ["stage"], registry=r)
         self.seq_resets = Counter("polecheck_seq_resets", "scanner sequence numbers that went backwards", registry=r)
         self.up = Gauge("polecheck_up", "1 while the pipeline runs, 0 while it drains or stops", registry=r)
         try:

@@ -336,3 +336,49 @@ def test_bench_pipeline_smoke():
         assert row["frames"] == 16 and row["overload"] == 0, (name, row)
         assert row["frames_per_s"] > 0 and row["latency_p99_ms"] >= row["latency_p50_ms"] > 0
     assert res["pipelined_over_serial_1t"] > 0
+
+
+class FlakyModel:
+    """The real model, raising on every third call: a stand-in for a provider failure."""
+
+    def __init__(self, m):
+        self._m, self.calls = m, 0
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls % 3 == 0:
+            raise RuntimeError("simulated ONNX Runtime failure")
+        return self._m(x)
+
+
+def test_stage_failure_is_ng_internal_error_and_bad_ids_are_not_trusted(model, pool, tmp_path):
+    cfg = app_config(pipeline={"model_workers": 1, "batch_wait_ms": 0.0}, journal={"enabled": False},
+                     archive={"enabled": False})
+    rig = Rig(cfg, FlakyModel(model), tmp_path)
+    frames = [f for cell in pool for f in cell]
+    try:
+        for seq in range(12):
+            rig.send(frames[seq], seq, f"c{seq // 4}")
+            time.sleep(0.1)  # one frame per model call
+        # a header with an invalid seq: NG bad_frame; its seq must not feed the gap check
+        h = json.loads(make_header(frames[0].image, scanner_id="scan-A", cell_id="c9", corner=0, seq=0,
+                                   pixel_pitch_um=10.0).to_json())
+        h["seq"] = -5
+        rig.push.send_multipart([b"frame/scan-A", json.dumps(h).encode(), bytes(frames[0].image.nbytes)])
+        rig.send(frames[0], 12, "c3")
+        rig.wait(14, timeout=30)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{rig.app.metrics_port}/metrics", timeout=5).read().decode()
+    finally:
+        rig.close()
+    codes = Counter(v["reasons"][0]["code"] if v["reasons"] else "OK" for v in rig.sub.frames)
+    assert len(rig.sub.frames) == 14, codes  # 13 valid frames + the bad one, no missing_frame storm
+    assert codes["internal_error"] >= 3 and codes["missing_frame"] == 0, codes
+    errs = [v for v in rig.sub.frames if v["reasons"] and v["reasons"][0]["code"] == "internal_error"]
+    assert all(v["verdict"] == "NG" and v["reasons"][0]["stage"] == "keypoint_model" for v in errs)
+    bad = [v for v in rig.sub.frames if v["reasons"] and v["reasons"][0]["code"] == "bad_frame"]
+    assert len(bad) == 1 and bad[0]["seq"] is None and bad[0]["reasons"][0]["kind"] == "bad_field"
+    s = _samples(text)
+    assert s[("polecheck_internal_errors_total", (("stage", "keypoint_model"),))] == len(errs)
