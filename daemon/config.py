@@ -145,6 +145,9 @@ class RecipeConfig(Strict):
     expected_layers: int | None = Field(None, ge=3, le=1001, description="anodes + cathodes, if fixed")
     min_confidence: float = Field(0.3, ge=0.0, le=1.0,
                                   description="a tip scored below this makes the frame NG low_confidence")
+    max_layer_gap: float = Field(1.6, gt=1.0, le=10.0,
+                                 description="same-class tips further apart than this x their median step: "
+                                             "NG layer_gap (a layer not found)")
 
     @model_validator(mode="after")
     def _order(self):

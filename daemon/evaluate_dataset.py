@@ -142,12 +142,12 @@ def score_frame(pred_a: np.ndarray, pred_c: np.ndarray, gt_a: np.ndarray, gt_c: 
 
 def _one(task: tuple) -> dict:
     from .pipeline import judge_frame, refine_and_judge, with_corners
-    from .rules import OverhangLimits, judge_corner
+    from .rules import judge_corner
 
     s = _W["settings"]
     name, img, labels = load_task(task, _W["pitch"])
     pitch = float(labels.get("pixel_pitch_um") or _W["pitch"] or 1.0)
-    limits = OverhangLimits(*labels["limits_um"], s.limits.expected_layers, s.limits.min_confidence) \
+    limits = replace(s.limits, min_um=float(labels["limits_um"][0]), max_um=float(labels["limits_um"][1])) \
         if "limits_um" in labels else s.limits
     s = replace(s, limits=limits)
     gt_a = np.asarray(labels["anode"], np.float64).reshape(-1, 2)

@@ -48,7 +48,8 @@ class JudgeSettings:
         return cls(roi=cfg.roi.params(), threshold=m.threshold, low_threshold=m.low_threshold,
                    overlap=m.tile_overlap_px, min_distance=m.min_distance_px, max_batch=m.max_batch,
                    fusion=cfg.fusion.params(),
-                   limits=OverhangLimits(r.overhang_min_um, r.overhang_max_um, r.expected_layers, r.min_confidence))
+                   limits=OverhangLimits(r.overhang_min_um, r.overhang_max_um, r.expected_layers, r.min_confidence,
+                                          r.max_layer_gap))
 
 
 @dataclass

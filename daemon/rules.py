@@ -32,6 +32,7 @@ class OverhangLimits:
     max_um: float
     expected_layers: int | None = None
     min_confidence: float = 0.0
+    max_gap_pitch: float = 1.6  # a step between same-class tips wider than this x their median: layer_gap
 
     def __post_init__(self) -> None:
         if not self.min_um < self.max_um:
@@ -124,6 +125,30 @@ def stack_layers(anodes: np.ndarray, anode_scores: np.ndarray, cathodes: np.ndar
     return Layers(kind[order], uv[order], scores[order], source[order])
 
 
+def gap_reasons(layers: "Layers", max_gap_pitch: float) -> list[dict]:
+    """``layer_gap`` where neighbouring tips *of one class* along the stacking axis are
+    more than ``max_gap_pitch`` times their median step apart: a layer of that class was
+    not found there.  The counts cannot see an anode and a cathode missing together (a
+    folded anode merging with its cathode hides both); this check can.  Per class,
+    because an ROI angle off by a degree or two shifts all anode tips against all cathode
+    tips along the stacking axis (they lie an overhang apart along the layers), while tips
+    of one class stay evenly spaced."""
+    out = []
+    for kind, name in ((ANODE, "anode"), (CATHODE, "cathode")):
+        idx = np.flatnonzero(layers.kind == kind)
+        if len(idx) < 3:
+            continue
+        steps = np.diff(layers.uv[idx, 1])
+        med = float(np.median(steps))
+        if med <= 0:
+            continue
+        bad = np.flatnonzero(steps > max_gap_pitch * med)
+        if len(bad):
+            out.append({"code": "layer_gap", "kind": name, "after_layers": idx[bad].tolist(),
+                        "gaps": [round(float(steps[i] / med), 2) for i in bad], "limit": float(max_gap_pitch)})
+    return out
+
+
 def confidence_reasons(layers: Layers, min_confidence: float) -> list[dict]:
     """``low_confidence`` for every tip scored below ``min_confidence`` (one reason, the
     offending layer indices and scores), or ``[]``."""
@@ -159,13 +184,15 @@ def judge_corner(roi, anodes: np.ndarray, anode_scores: np.ndarray, cathodes: np
                  cathode_scores: np.ndarray, pixel_pitch_um: float, limits: OverhangLimits) -> CornerVerdict:
     """The verdict of one corner image.  ``roi`` is its stage-1 ``RoiResult``: without an ROI
     the corner is NG ``roi_not_found`` (never judged on a guess).  Otherwise: counts,
-    overhangs against ``limits`` and the minimum tip confidence, all reasons together."""
+    overhangs against ``limits``, gaps in the stack and the minimum tip confidence, all
+    reasons together."""
     if not roi.ok:
         return CornerVerdict(NG, [{"code": "roi_not_found", "why": roi.reason, "detail": roi.detail}])
     layers = stack_layers(anodes, anode_scores, cathodes, cathode_scores, roi.to_canonical)
     ov = overhangs_um(layers.kind, layers.uv[:, 0], pixel_pitch_um)
     n_a, n_c = int((layers.kind == ANODE).sum()), int((layers.kind == CATHODE).sum())
     _, reasons = judge_geometry(ov, n_a, n_c, limits)
+    reasons += gap_reasons(layers, limits.max_gap_pitch)
     reasons += confidence_reasons(layers, limits.min_confidence)
     return CornerVerdict(NG if reasons else OK, reasons, layers, ov)
 

@@ -113,3 +113,30 @@ def test_cell_verdict_needs_every_corner_ok():
     cell = judge_cell({0: ok, 2: ok, 3: ok})
     assert cell["verdict"] == NG and cell["reasons"] == [{"code": "incomplete", "missing_corners": [1]}]
     assert judge_cell({0: ok, 1: ok, 2: ok, 3: {"verdict": NG}})["verdict"] == NG
+
+
+def _ideal_stack(n_layers: int, pitch: float = 16.0, skew: float = 0.0, drop: tuple[int, ...] = ()):
+    """Tips of an ideal stack in the ROI frame: anodes at u=150, cathodes at u=50, layer k
+    at v = k * pitch; ``skew`` shifts all cathodes along v (an ROI angle error); layers in
+    ``drop`` are not found."""
+    k = np.array([i for i in range(n_layers) if i not in drop])
+    a = k[k % 2 == 0]
+    c = k[k % 2 == 1]
+    return (np.c_[np.full(len(a), 150.0), a * pitch], np.c_[np.full(len(c), 50.0), c * pitch + skew])
+
+
+def test_layer_gap_catches_a_missing_anode_cathode_pair_that_counts_miss():
+    a, c = _ideal_stack(21, drop=(9, 10))  # a cathode and an anode both missed: counts still agree
+    assert len(a) == len(c) + 1
+    v = judge_corner(_Roi(), a, np.ones(len(a)), c, np.ones(len(c)), 10.0, LIMITS)
+    codes = [r["code"] for r in v.reasons]
+    assert v.verdict == NG and "layer_gap" in codes and "count_mismatch" not in codes
+    gap = [r for r in v.reasons if r["code"] == "layer_gap"]
+    assert {r["kind"] for r in gap} == {"anode", "cathode"} and all(g == 2.0 for r in gap for g in r["gaps"])
+
+
+def test_layer_gap_is_silent_on_whole_stacks_even_with_an_angle_error():
+    for skew in (0.0, 6.0, -7.0):  # cathodes shifted along v against the anodes
+        a, c = _ideal_stack(21, skew=skew)
+        v = judge_corner(_Roi(), a, np.ones(len(a)), c, np.ones(len(c)), 10.0, LIMITS)
+        assert not any(r["code"] == "layer_gap" for r in v.reasons), v.reasons
