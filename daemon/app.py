@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 from . import __version__
-from .keypoints import crops_for_roi, tips_from_heatmaps
+from .keypoints import crops_for_roi, run_model, tips_from_heatmaps
 from .metrics import Metrics
 from .model import KeypointModel
 from .pipeline import FrameResult, JudgeSettings, refine_and_judge
@@ -433,7 +433,7 @@ class App:
             t = time.perf_counter()
             try:
                 x = np.concatenate([j.crops for j in batch])
-                hm = np.concatenate([self.model(x[i:i + B]) for i in range(0, len(x), B)])
+                hm = run_model(self.model, x, B)
             except Exception as e:
                 for j in batch:
                     self._failed(j, "keypoint_model", e)

@@ -7,15 +7,11 @@ the daemon never sees: the truth is recorded from the feed's side).
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections import Counter
 
 import zmq
-
-log = logging.getLogger("polecheck.demo")
-
 
 class Subscriber:
     """SUB socket on the App's verdict endpoint, collecting verdicts in a thread."""

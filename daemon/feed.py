@@ -100,8 +100,3 @@ class Feed:
             self.send_cell(index, on_frame)
             index += 1
         return self.sent
-
-    @property
-    def endpoint(self) -> str:
-        """The address the socket is bound/connected to (a ``*`` port resolved)."""
-        return self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()

@@ -35,6 +35,12 @@ def crops_for_roi(img: np.ndarray, roi, codec, overlap: float = 48.0):
     return tiles, normalise(crops)[:, None]
 
 
+def run_model(model, x: np.ndarray, max_batch: int) -> np.ndarray:
+    """``model`` on crops ``x (T, 1, h, w)`` in batches of at most ``max_batch``:
+    heatmaps ``(T, K, h', w')``."""
+    return np.concatenate([model(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+
+
 def candidates_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int, int],
                              low_threshold: float = 0.3, min_distance: float = 12.0
                              ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -52,7 +58,7 @@ def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, over
     merged), and the number of tiles run."""
     codec = model.codec
     tiles, x = crops_for_roi(img, roi, codec, overlap)
-    hm = np.concatenate([model(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+    hm = run_model(model, x, max_batch)
     image_size = (img.shape[1], img.shape[0])
     return candidates_from_heatmaps(hm, tiles, codec, image_size, low_threshold, min_distance), len(tiles)
 
@@ -121,10 +127,10 @@ def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, overlap: fl
     ``max_batch``, then ``tips_from_heatmaps``."""
     codec = model.codec
     tiles, x = crops_for_roi(img, roi, codec, overlap)
-    hm = np.concatenate([model(x[i:i + max_batch]) for i in range(0, len(x), max_batch)])
+    hm = run_model(model, x, max_batch)
     return tips_from_heatmaps(hm, tiles, codec, (img.shape[1], img.shape[0]), threshold, low_threshold,
                               min_distance)
 
 
 __all__ = ["Tips", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi", "candidates_from_heatmaps",
-           "tips_from_heatmaps", "same_layer_keep"]
+           "tips_from_heatmaps", "same_layer_keep", "run_model"]
