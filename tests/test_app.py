@@ -48,12 +48,12 @@ def pool():
 class Rig:
     """An App plus a PUSH socket into it and a subscriber on its verdicts; closes all."""
 
-    def __init__(self, cfg, model, state_dir):
+    def __init__(self, cfg, model, state_dir, sender: int = zmq.PUSH):
         self.app = App(cfg, model=model, state_dir=state_dir).start()
         self.ctx = zmq.Context()
         self.sub = Subscriber(self.ctx, self.app.endpoints["output"])
         wait_subscribed(self.sub)
-        self.push = open_socket(self.ctx, zmq.PUSH, "connect:" + self.app.endpoints["ingest"], hwm=100_000)
+        self.push = open_socket(self.ctx, sender, "connect:" + self.app.endpoints["ingest"], hwm=100_000)
 
     def send(self, f, seq: int, cell_id: str, scanner_id: str = "scan-A") -> None:
         h = make_header(f.image, scanner_id=scanner_id, cell_id=cell_id, corner=f.corner, seq=seq,
@@ -382,3 +382,33 @@ def test_stage_failure_is_ng_internal_error_and_bad_ids_are_not_trusted(model, p
     assert len(bad) == 1 and bad[0]["seq"] is None and bad[0]["reasons"][0]["kind"] == "bad_field"
     s = _samples(text)
     assert s[("polecheck_internal_errors_total", (("stage", "keypoint_model"),))] == len(errs)
+
+
+def test_demo_runs_and_agrees_with_the_truth(tmp_path):
+    """`polecheck demo` (the README's first command) end to end on small frames: every
+    frame one verdict, and its summary's figures are the subscriber's."""
+    from daemon.demo import run_demo
+
+    cfg = CFG.model_validate({**CFG.model_dump(), "feed": {**CFG.feed.model_dump(), "size": (256, 256),
+                                                           "pool_cells": 2, "seed": 7}})
+    lines: list[str] = []
+    s = run_demo(cfg, frames=16, rate_hz=40.0, preset="defects", state_dir=str(tmp_path), print_fn=lines.append)
+    assert s["frames_sent"] == s["frame_verdicts"] == 16 and s["cell_verdicts"] == 4
+    assert s["exactly_one_verdict_per_frame"]
+    assert s["OK"] + s["NG"] == 16 and s["cells_OK"] + s["cells_NG"] == 4
+    assert s["escapes"] + s["overkill"] == round((1 - s["truth_agreement"]) * 16)
+    assert sum(line.startswith("seq") for line in lines) == 16 and any("summary" in line for line in lines)
+
+
+def test_pub_sub_ingest(model, pool, tmp_path):
+    """`ingest.socket: sub` (fan-out setups): the daemon subscribes to a PUB feed."""
+    cfg = app_config(ingest={"socket": "sub"}, journal={"enabled": False}, archive={"enabled": False})
+    rig = Rig(cfg, model, tmp_path, sender=zmq.PUB)
+    try:
+        time.sleep(0.5)  # the daemon's subscription reaches the PUB socket
+        for seq in range(8):
+            rig.send(pool[seq // 4][seq % 4], seq, f"p{seq // 4}")
+        rig.wait(8, cells=2, timeout=30)
+    finally:
+        rig.close()
+    assert sorted(v["seq"] for v in rig.sub.frames) == list(range(8)) and len(rig.sub.cells) == 2
