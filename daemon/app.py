@@ -539,13 +539,19 @@ class App:
         self._put("verdict_publisher", msg)
 
     def _publisher(self) -> None:
-        """verdict_publisher: journal first, then PUB; NG frames to the archive."""
+        """verdict_publisher: journal first, then PUB; NG frames to the archive; a status
+        message every ``output.status_interval_s``."""
+        next_status = 0.0
         while not self._stop.is_set():
             item = self._get("verdict_publisher")
             if self.journal:
                 self.journal.tick()
             for name, q in self.queues.items():
                 self.metrics.queue_depth.labels(queue=name).set(q.qsize())
+            if time.monotonic() >= next_status:
+                self.pub.send_multipart([b"status", _json({"type": "status", **self.counts, "in_flight": self.in_flight,
+                                                           "ts_ns": time.time_ns()})])
+                next_status = time.monotonic() + self.cfg.output.status_interval_s
             if item is None:
                 continue
             t = time.perf_counter()
@@ -565,7 +571,10 @@ class App:
                 for r in v["reasons"]:
                     self.metrics.reasons.labels(code=r.get("code", "?")).inc()
                 self.metrics.latency.observe(time.monotonic() - item.received)
-                if v["verdict"] != OK and self.archive is not None and item.image is not None:
+                # judged NG frames (and frames a stage failed on) are archived; overload and
+                # shutdown verdicts are not: writing PNGs would add load when there is too much
+                if v["verdict"] != OK and self.archive is not None and item.image is not None and (
+                        item.result is not None or v["reasons"][0]["code"] == "internal_error"):
                     res = item.result
                     self.archive.submit(v, item.image, item.roi, res.anodes if res else None,
                                         res.cathodes if res else None)

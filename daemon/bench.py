@@ -181,6 +181,8 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
     s = JudgeSettings.from_config(cfg)
     try:
         for _ in range(n):
+            while not pull.poll(100):  # status messages until a frame comes, like the App's
+                pub.send_multipart([b"status", b"{}"])
             f = decode_frame(pull.recv_multipart(copy=False))
             t = time.monotonic()
             res = judge_frame(f.image, f.header.pixel_pitch_um, model, s)

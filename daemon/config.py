@@ -215,6 +215,8 @@ class OutputConfig(Strict):
 
     endpoint: Endpoint = Field("bind:tcp://127.0.0.1:5556", description="verdict PUB socket")
     hwm: int = Field(100_000, ge=1, le=10_000_000, description="verdicts queued per subscriber")
+    status_interval_s: float = Field(1.0, gt=0, le=3600,
+                                     description="a status message (counts, in flight) on the PUB socket this often")
 
 
 class JournalConfig(Strict):

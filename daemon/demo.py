@@ -21,9 +21,11 @@ class Subscriber:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"verdict")
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"status")
         self.sock.connect(endpoint)
         self.frames: list[dict] = []
         self.cells: list[dict] = []
+        self.alive = threading.Event()  # a status message arrived: the subscription is active
         self.on_verdict = on_verdict
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-subscriber", daemon=True)
@@ -33,7 +35,10 @@ class Subscriber:
         while not self._stop.is_set():
             if not self.sock.poll(50):
                 continue
-            _topic, body = self.sock.recv_multipart()
+            topic, body = self.sock.recv_multipart()
+            if topic.startswith(b"status"):
+                self.alive.set()
+                continue
             v = json.loads(body)
             v["_recv_ns"] = time.time_ns()  # for end-to-end latency (the header's ts_ns is the send time)
             (self.frames if v["type"] == "frame" else self.cells).append(v)
@@ -46,18 +51,13 @@ class Subscriber:
         self.sock.close(0)
 
 
-def wait_subscribed(sub: Subscriber, timeout: float = 5.0) -> None:
+def wait_subscribed(sub: Subscriber, timeout: float = 10.0) -> None:
     """PUB/SUB joins asynchronously, and a PUB socket drops what no subscriber has asked
-    for yet: wait until the SUB socket's handshake with the App's PUB socket is done (its
-    socket monitor says so), plus 0.1 s for the SUBSCRIBE message that follows it."""
-    mon = sub.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        if mon.poll(int(timeout * 1000)):
-            mon.recv_multipart()
-    finally:
-        sub.sock.disable_monitor()
-        mon.close(0)
-    time.sleep(0.1)  # the SUBSCRIBE message follows the handshake
+    for yet: wait until the first status message (the daemon sends one every
+    ``output.status_interval_s``) has arrived, which proves the subscription is active."""
+    if not sub.alive.wait(timeout):
+        raise RuntimeError(f"no status message from the daemon within {timeout:g} s (is it running, is the "
+                           "endpoint right?)")
 
 
 def _line(v: dict, truth: dict) -> str:

@@ -233,8 +233,10 @@ class SlowModel:
 
 
 def test_deadline_overload_is_ng_never_dropped(model, pool, tmp_path):
+    # one crop per call, 80 ms each: 40 frames need 3.2 s, far past a 150 ms deadline
     cfg = app_config(pipeline={"deadline_ms": 150.0, "queue_size": 64, "admit_timeout_ms": 1000.0,
-                               "model_workers": 1}, journal={"enabled": False}, archive={"enabled": False})
+                               "model_workers": 1}, model={"max_batch": 1}, journal={"enabled": False},
+                     archive={"enabled": False})
     rig = Rig(cfg, SlowModel(model), tmp_path)
     frames = [f for cell in pool for f in cell]
     try:
@@ -244,8 +246,8 @@ def test_deadline_overload_is_ng_never_dropped(model, pool, tmp_path):
     finally:
         rig.close()
     got = Counter(v["seq"] for v in rig.sub.frames)
-    assert sorted(got) == list(range(40)) and max(got.values()) == 1
     codes = Counter(v["reasons"][0]["code"] if v["reasons"] else "OK" for v in rig.sub.frames)
+    assert sorted(got) == list(range(40)) and max(got.values()) == 1, (got, codes)
     assert codes["overload"] >= 10, codes  # the backlog outlived its deadline
     late = [v for v in rig.sub.frames if v["reasons"] and v["reasons"][0]["code"] == "overload"]
     assert all(v["verdict"] == "NG" and v["reasons"][0]["waited_ms"] > 150.0 for v in late)
