@@ -250,7 +250,7 @@ def test_deadline_overload_is_ng_never_dropped(model, pool, tmp_path):
     assert sorted(got) == list(range(40)) and max(got.values()) == 1, (got, codes)
     assert codes["overload"] >= 10, codes  # the backlog outlived its deadline
     late = [v for v in rig.sub.frames if v["reasons"] and v["reasons"][0]["code"] == "overload"]
-    assert all(v["verdict"] == "NG" and v["reasons"][0]["waited_ms"] > 150.0 for v in late)
+    assert all(v["verdict"] == "NG" and v["reasons"][0]["waited_ms"] >= 150.0 for v in late)  # rounded to 0.1 ms
 
 
 def test_restart_recovers_sequence_and_open_cells(model, pool, tmp_path):
