@@ -102,8 +102,11 @@ class App:
         self.settings = JudgeSettings.from_config(cfg)
         self.metrics = Metrics(STAGES, QUEUES)
         m = cfg.model
+        self.state_dir = Path(state_dir or cfg.service.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+                              or "var")
+        # TensorRT builds its engine at the first load; the cache keeps restarts fast
         self.model = model or KeypointModel(m.resolved_path(), m.sha256, m.providers, m.threads, m.fp16,
-                                            m.io_binding, cache_dir=None)
+                                            m.io_binding, cache_dir=self.state_dir / "trt-engines")
         self.metrics.set_model(self.model)
         self.limits = FrameLimits(cfg.ingest.max_frame_bytes, cfg.ingest.max_side, cfg.ingest.max_header_bytes)
         self.queues = {name: queue.Queue(p.queue_size) for name in QUEUES[:3]}
@@ -113,8 +116,6 @@ class App:
             self.queues[name] = queue.Queue(max(1024, 8 * p.queue_size))
         for name, q in self.queues.items():
             self.metrics.queue_capacity.labels(queue=name).set(q.maxsize)
-        self.state_dir = Path(state_dir or cfg.service.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-                              or "var")
         self._stop = threading.Event()  # stage threads exit
         self._receiving = threading.Event()
         self._abort = threading.Event()  # drain ran out of time: remaining frames NG shutdown

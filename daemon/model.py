@@ -123,6 +123,7 @@ def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None):
     if name == "TensorrtExecutionProvider":
         opts = {"trt_fp16_enable": bool(fp16)}
         if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
         return name, opts
     return name, {}
