@@ -76,7 +76,7 @@ class Job:
     verdict: dict | None = None  # set once decided
 
 
-def _roi_task(image: np.ndarray, roi_params, codec, overlap: float):
+def _roi_task(image: np.ndarray, roi_params, codec, plan):
     """roi_corners on one frame: the ROI with its corner set Q, then the model's crops.
     Module-level so that a process pool can run it."""
     t = time.perf_counter()
@@ -84,7 +84,7 @@ def _roi_task(image: np.ndarray, roi_params, codec, overlap: float):
     t_roi = time.perf_counter() - t
     tiles = crops = None
     if roi.ok:
-        tiles, crops = crops_for_roi(image, roi, codec, overlap)
+        tiles, crops = crops_for_roi(image, roi, codec, plan)
     return roi, tiles, crops, t_roi, time.perf_counter() - t - t_roi
 
 
@@ -106,7 +106,8 @@ class App:
                               or "var")
         # TensorRT builds its engine at the first load; the cache keeps restarts fast
         self.model = model or KeypointModel(m.resolved_path(), m.sha256, m.providers, m.threads, m.fp16,
-                                            m.io_binding, cache_dir=self.state_dir / "trt-engines")
+                                            m.io_binding, cache_dir=self.state_dir / "trt-engines",
+                                            max_size=m.max_crop_px or (512, 1024), max_batch=m.max_batch)
         self.metrics.set_model(self.model)
         self.limits = FrameLimits(cfg.ingest.max_frame_bytes, cfg.ingest.max_side, cfg.ingest.max_header_bytes)
         self.queues = {name: queue.Queue(p.queue_size) for name in QUEUES[:3]}
@@ -384,6 +385,7 @@ class App:
     def _roi_worker(self) -> None:
         """roi_corners: ROI, tip direction and corner set Q; then the model's crops."""
         codec, s = self.model.codec, self.settings
+        plan = s.crops.for_model(self.model)
         while not self._stop.is_set():
             job = self._get("roi_corners")
             if job is None or self._late(job):
@@ -391,10 +393,10 @@ class App:
             t = time.perf_counter()
             try:
                 if self.pool is not None:
-                    fut = self.pool.submit(_roi_task, np.array(job.image), s.roi, codec, s.overlap)
+                    fut = self.pool.submit(_roi_task, np.array(job.image), s.roi, codec, plan)
                     job.roi, job.tiles, job.crops, t_roi, t_crops = fut.result()
                 else:
-                    job.roi, job.tiles, job.crops, t_roi, t_crops = _roi_task(job.image, s.roi, codec, s.overlap)
+                    job.roi, job.tiles, job.crops, t_roi, t_crops = _roi_task(job.image, s.roi, codec, plan)
             except Exception as e:
                 self._failed(job, "roi_corners", e)
                 continue
@@ -432,19 +434,25 @@ class App:
                 batch.append(job)
                 n += len(job.crops)
             t = time.perf_counter()
+            # crops fitted to each ROI differ in size between frames: one model call per size
+            groups: dict[tuple, list[Job]] = {}
+            for j in batch:
+                groups.setdefault(j.crops.shape[2:], []).append(j)
             try:
-                x = np.concatenate([j.crops for j in batch])
-                hm = run_model(self.model, x, B)
+                for jobs in groups.values():
+                    x = np.concatenate([j.crops for j in jobs])
+                    hm = run_model(self.model, x, B)
+                    self.metrics.batch_size.observe(len(x))
+                    self.metrics.batch_frames.observe(len(jobs))
+                    k = 0
+                    for j in jobs:
+                        j.heatmaps, k = hm[k:k + len(j.crops)], k + len(j.crops)
             except Exception as e:
                 for j in batch:
                     self._failed(j, "keypoint_model", e)
                 continue
             dt = time.perf_counter() - t
-            self.metrics.batch_size.observe(len(x))
-            self.metrics.batch_frames.observe(len(batch))
-            k = 0
             for j in batch:
-                j.heatmaps, k = hm[k:k + len(j.crops)], k + len(j.crops)
                 j.crops = None
                 j.times["keypoint_model"] = j.times.get("keypoint_model", 0.0) + dt
                 self._put("refine", j)

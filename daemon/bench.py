@@ -119,12 +119,14 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
 def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, threads: int = 2,
                 model_path: str | None = None, **_) -> dict:
     """Stage 2: the shipped ONNX model under ONNX Runtime on CPU with ``threads`` intra-op
-    threads, per crop, at batch 1 and batch 8, on real phantom tiles; and the whole
-    ``detect_tips`` (tiling, sampling, normalisation, inference, decoding) per frame."""
+    threads, on real phantom crops: per fixed 256 px tile at batch 1 and batch 8, per
+    frame's crops fitted to its ROI (the default ``CropPlan``), and the whole
+    ``detect_tips`` per frame (crops, sampling, normalisation, inference, decoding) with
+    fitted crops and with fixed tiles, in one run."""
     import cv2
 
     from .config import load_config
-    from .keypoints import crops_for_roi, detect_tips
+    from .keypoints import CropPlan, crops_for_roi, detect_tips
     from .model import KeypointModel
     from .phantom import make_phantom
     from .roi import detect_roi
@@ -137,21 +139,37 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
     frames = [make_phantom(np.random.SeedSequence([27182, i]), "normal", size, bits).image for i in range(n)]
     rois = [detect_roi(f) for f in frames]
     pairs = [(f, r) for f, r in zip(frames, rois) if r.ok]
-    crops = [crops_for_roi(f, r, m.codec) for f, r in pairs]  # (tiles, x) per frame
-    xs = np.concatenate([x for _, x in crops])
+    plan = CropPlan(cfg.tile_overlap_px, cfg.max_crop_px, cfg.crop_context_px).for_model(m)
+    fixed = CropPlan(cfg.tile_overlap_px, None)
+    tiled = [crops_for_roi(f, r, m.codec, fixed) for f, r in pairs]  # (tiles, x) per frame
+    fitted = [crops_for_roi(f, r, m.codec, plan) for f, r in pairs]
+    xs = np.concatenate([x for _, x in tiled])
     reps = max(1, 192 // len(xs))
     xs = np.concatenate([xs] * reps) if reps > 1 else xs
     b1 = timings(lambda k: m(xs[k % len(xs)][None]), min(len(xs), 64), warmup=3)
     nb = max(1, min(len(xs) // 8, 24))
     b8 = timings(lambda k: m(xs[8 * k:8 * k + 8]), nb, warmup=1) / 8
-    per_frame = timings(lambda k: detect_tips(*pairs[k % len(pairs)], m, cfg.threshold, cfg.tile_overlap_px,
-                                              cfg.max_batch, cfg.min_distance_px, cfg.low_threshold),
-                        len(pairs), warmup=1)
-    tiles = [len(t) for t, _ in crops]
+    fit = timings(lambda k: m(fitted[k % len(fitted)][1]), 2 * len(fitted), warmup=2)
+    til = timings(lambda k: m(tiled[k % len(tiled)][1]), 2 * len(tiled), warmup=1)
+
+    def tips(k: int, p: CropPlan):
+        return detect_tips(*pairs[k % len(pairs)], m, cfg.threshold, p, cfg.max_batch, cfg.min_distance_px,
+                           cfg.low_threshold)
+
+    per_frame = timings(lambda k: tips(k, plan), len(pairs), warmup=1)
+    per_frame_tiles = timings(lambda k: tips(k, fixed), len(pairs), warmup=1)
+    area = lambda crops: float(np.mean([x.shape[0] * x.shape[2] * x.shape[3] for _, x in crops]))  # noqa: E731
     w, h = m.codec.input_size
-    return {"rows": {"per crop, batch 1": summary(b1), "per crop, batch 8": summary(b8),
-                     "per frame, detect_tips": summary(per_frame)},
-            "crop": f"{w}x{h}", "threads": threads, "provider": m.provider, "tiles_per_frame": round(float(np.mean(tiles)), 2),
+    return {"rows": {f"per {w}x{h} tile, batch 1": summary(b1), f"per {w}x{h} tile, batch 8": summary(b8),
+                     "per frame, model on its fitted crop(s)": summary(fit),
+                     "per frame, model on its fixed tiles": summary(til),
+                     "per frame, detect_tips, fitted crop(s)": summary(per_frame),
+                     "per frame, detect_tips, fixed tiles": summary(per_frame_tiles)},
+            "threads": threads, "provider": m.provider, "dynamic_size": m.dynamic_size,
+            "tiles_per_frame": round(float(np.mean([len(t) for t, _ in tiled])), 2),
+            "fitted_crops_per_frame": round(float(np.mean([len(t) for t, _ in fitted])), 2),
+            "fitted_over_tiled_pixels": round(area(fitted) / area(tiled), 3),
+            "tiles_over_fitted_time": round(float(np.median(til) / np.median(fit)), 2),
             "model_sha256": m.sha256[:12], "size": list(size), "bits": bits}
 
 

@@ -211,6 +211,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_eval_model(a: argparse.Namespace) -> int:
     from .config import load_config
     from .evaluate import model_accuracy
+    from .keypoints import CropPlan
 
     cfg = load_config(a.config).model
     path = a.model or str(cfg.resolved_path())
@@ -218,7 +219,7 @@ def cmd_eval_model(a: argparse.Namespace) -> int:
     return _eval_presets(a, lambda preset, progress: model_accuracy(
         path, preset, a.n, tuple(a.size), a.bits, sha, jobs=a.jobs or None, progress=progress,
         seed_root=a.seed_root, thresholds=a.threshold or (cfg.threshold,), low_threshold=cfg.low_threshold,
-        overlap=cfg.tile_overlap_px,
+        plan=CropPlan(cfg.tile_overlap_px, cfg.max_crop_px, cfg.crop_context_px),
         min_distance=cfg.min_distance_px if a.min_distance is None else a.min_distance))
 
 

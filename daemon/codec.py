@@ -94,18 +94,20 @@ class HeatmapCodec:
         return self.input_size[0] // self.stride, self.input_size[1] // self.stride
 
     # ------------------------------------------------------------------ crop affine
-    def crop_affine(self, centre, angle_deg: float, scale: float = 1.0) -> np.ndarray:
-        """``(2, 3)`` image -> crop affine: ``centre (2,)`` (image x, y) lands on the crop's
-        centre, the canonical axis at ``angle_deg`` in the image becomes ``+x``."""
-        w, h = self.input_size
+    def crop_affine(self, centre, angle_deg: float, scale: float = 1.0,
+                    size: tuple[int, int] | None = None) -> np.ndarray:
+        """``(2, 3)`` image -> crop affine: ``centre (2,)`` (image x, y) lands on the centre
+        of a crop of ``size (w, h)`` (default ``input_size``), the canonical axis at
+        ``angle_deg`` in the image becomes ``+x``."""
+        w, h = size or self.input_size
         lin = scale * _rot(angle_deg).T
         c0 = np.array([(w - 1) / 2, (h - 1) / 2])
         return np.hstack([lin, (c0 - lin @ np.asarray(centre, np.float64))[:, None]])
 
-    def warp(self, img: np.ndarray, A: np.ndarray) -> np.ndarray:
-        """Sample the crop ``(h, w)`` (dtype of ``img``) of ``img`` ``(H, W)`` through ``A``
-        (bilinear, edges replicated)."""
-        return cv2.warpAffine(img, np.asarray(A, np.float64), self.input_size, flags=cv2.INTER_LINEAR,
+    def warp(self, img: np.ndarray, A: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Sample the crop ``(h, w)`` of ``size (w, h)`` (default ``input_size``; dtype of
+        ``img``) of ``img`` ``(H, W)`` through ``A`` (bilinear, edges replicated)."""
+        return cv2.warpAffine(img, np.asarray(A, np.float64), tuple(size or self.input_size), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
 
     @staticmethod
@@ -120,23 +122,39 @@ class HeatmapCodec:
 
     # ------------------------------------------------------------------ tiling
     def plan_tiles(self, centre, angle_deg: float, size: tuple[float, float], overlap: float = 48.0,
-                   scale: float = 1.0) -> "Tiles":
+                   scale: float = 1.0, max_size: tuple[int, int] | None = None, context: float = 0.0,
+                   multiple: int = 16) -> "Tiles":
         """Crops that cover an oriented ROI (``centre (2,)``, ``size (w, h)`` along/across the
         layers, ``angle_deg`` canonical -> image) at ``scale``, overlapping by ``overlap``
         image px.  Each tile *owns* the part of the ROI nearer its centre than any other
         tile's (per axis), so a tip seen by two tiles is reported once, by the tile where it
-        is furthest from the crop edge (>= overlap / 2)."""
-        tw, th = (self.input_size[0] / scale, self.input_size[1] / scale)
-        cu, bu = _tile_axis(float(size[0]), tw, overlap)
-        cv, bv = _tile_axis(float(size[1]), th, overlap)
+        is furthest from the crop edge (>= overlap / 2).
+
+        Crop size: ``input_size`` when ``max_size`` is None (fixed tiles).  With ``max_size
+        (w, h)`` (a model that takes any input size) the crops are fitted to the ROI: per
+        axis, the ROI plus ``context`` px on each side is covered by as few crops as fit in
+        ``max_size``, each the same length, rounded up to ``multiple`` px (the network's
+        size granularity).  A typical ROI is then one crop with no pixel run twice, where
+        fixed 256 px tiles run about 1.8x the ROI's area."""
+        if max_size is None:
+            crop = tuple(int(v) for v in self.input_size)
+            extent = (float(size[0]), float(size[1]))
+        else:
+            extent = tuple(float(size[i]) * scale + 2 * context for i in range(2))
+            crop = tuple(_fit_axis(extent[i], int(max_size[i]), overlap * scale, multiple) for i in range(2))
+            extent = (extent[0] / scale, extent[1] / scale)
+        tw, th = (crop[0] / scale, crop[1] / scale)
+        cu, bu = _tile_axis(extent[0], tw, overlap)
+        cv, bv = _tile_axis(extent[1], th, overlap)
         R = _rot(angle_deg)
         uu, vv = np.meshgrid(cu, cv, indexing="xy")  # (nv, nu)
         local = np.stack([uu.ravel(), vv.ravel()], 1)  # (T, 2) in the ROI frame
         centres = local @ R.T + np.asarray(centre, np.float64)
-        A = np.stack([self.crop_affine(c, angle_deg, scale) for c in centres])
+        A = np.stack([self.crop_affine(c, angle_deg, scale, crop) for c in centres])
         iu, iv = np.meshgrid(np.arange(len(cu)), np.arange(len(cv)), indexing="xy")
         owned = np.stack([bu[iu.ravel()], bu[iu.ravel() + 1], bv[iv.ravel()], bv[iv.ravel() + 1]], 1)
-        return Tiles(A, owned, np.asarray(centre, np.float64), float(angle_deg), (float(size[0]), float(size[1])))
+        return Tiles(A, owned, np.asarray(centre, np.float64), float(angle_deg), (float(size[0]), float(size[1])),
+                     crop)
 
     def merge_tiles(self, decoded: list[list[tuple[np.ndarray, np.ndarray]]], tiles: "Tiles",
                     tolerance: float = 4.0, image_size: tuple[int, int] | None = None,
@@ -154,7 +172,7 @@ class HeatmapCodec:
         out = []
         R = _rot(tiles.angle_deg)
         w, h = tiles.size
-        size = np.asarray(self.input_size, np.float64)
+        size = np.asarray(tiles.crop_size, np.float64)
         for k in range(len(self.classes)):
             pts, scs, margin = [np.zeros((0, 2))], [np.zeros(0, np.float32)], [np.zeros(0)]
             for t, dec in enumerate(decoded):
@@ -227,14 +245,21 @@ class HeatmapCodec:
     def _decode_one(self, h: np.ndarray, threshold: float, border: int, min_distance: float = 0.0):
         hh, wh = h.shape
         # A peak is >= its 4 later neighbours (raster order) and > its 4 earlier ones, so a
-        # plateau of equal maxima gives exactly one peak (its first pixel).
-        p = cv2.copyMakeBorder(h, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=-np.inf)
-        later = np.maximum.reduce([p[1:-1, 2:], p[2:, :-2], p[2:, 1:-1], p[2:, 2:]])
-        earlier = np.maximum.reduce([p[1:-1, :-2], p[:-2, :-2], p[:-2, 1:-1], p[:-2, 2:]])
-        mask = (h >= later) & (h > earlier) & (h > threshold)
+        # plateau of equal maxima gives exactly one peak (its first pixel).  Only pixels
+        # above the threshold (a few hundred of ~35 k) are compared with their neighbours.
+        above = h > threshold
         if border > 0:
-            mask[:border], mask[-border:], mask[:, :border], mask[:, -border:] = False, False, False, False
-        iy, jx = np.nonzero(mask)
+            above[:border], above[-border:], above[:, :border], above[:, -border:] = False, False, False, False
+        iy, jx = np.nonzero(above)
+        if len(iy) == 0:
+            return np.zeros((0, 2), np.float64), np.zeros(0, np.float32)
+        p = cv2.copyMakeBorder(h, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=-np.inf)
+        y, x = iy + 1, jx + 1
+        c = p[y, x]
+        later = np.maximum.reduce([p[y, x + 1], p[y + 1, x - 1], p[y + 1, x], p[y + 1, x + 1]])
+        earlier = np.maximum.reduce([p[y, x - 1], p[y - 1, x - 1], p[y - 1, x], p[y - 1, x + 1]])
+        peak = (c >= later) & (c > earlier)
+        iy, jx = iy[peak], jx[peak]
         if len(iy) == 0:
             return np.zeros((0, 2), np.float64), np.zeros(0, np.float32)
         offsets = self._dark_offsets(h, iy, jx)
@@ -248,16 +273,17 @@ class HeatmapCodec:
     def _dark_offsets(self, h: np.ndarray, iy: np.ndarray, jx: np.ndarray) -> np.ndarray:
         """``(N, 2)`` sub-pixel offsets (x, y) in heatmap pixels at integer maxima."""
         k = int(2 * math.ceil(2 * self.sigma) + 1)
-        sm = cv2.GaussianBlur(h, (k, k), self.sigma)
-        lg = np.log(np.maximum(sm, 1e-10))
-        lg = cv2.copyMakeBorder(lg, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
+        sm = cv2.copyMakeBorder(cv2.GaussianBlur(h, (k, k), self.sigma), 1, 1, 1, 1, cv2.BORDER_REPLICATE)
         y, x = iy + 1, jx + 1
-        c = lg[y, x]
-        dx = 0.5 * (lg[y, x + 1] - lg[y, x - 1])
-        dy = 0.5 * (lg[y + 1, x] - lg[y - 1, x])
-        dxx = lg[y, x + 1] - 2 * c + lg[y, x - 1]
-        dyy = lg[y + 1, x] - 2 * c + lg[y - 1, x]
-        dxy = 0.25 * (lg[y + 1, x + 1] - lg[y + 1, x - 1] - lg[y - 1, x + 1] + lg[y - 1, x - 1])
+        # the log of the smoothed map at each peak's 3x3 neighbourhood: (N, 3, 3)
+        lg = np.log(np.maximum(sm[y[:, None, None] + np.arange(-1, 2)[None, :, None],
+                                  x[:, None, None] + np.arange(-1, 2)[None, None, :]], 1e-10))
+        c = lg[:, 1, 1]
+        dx = 0.5 * (lg[:, 1, 2] - lg[:, 1, 0])
+        dy = 0.5 * (lg[:, 2, 1] - lg[:, 0, 1])
+        dxx = lg[:, 1, 2] - 2 * c + lg[:, 1, 0]
+        dyy = lg[:, 2, 1] - 2 * c + lg[:, 0, 1]
+        dxy = 0.25 * (lg[:, 2, 2] - lg[:, 2, 0] - lg[:, 0, 2] + lg[:, 0, 0])
         det = dxx * dyy - dxy * dxy
         ok = (det > 1e-12) & (dxx < 0)
         safe = np.where(ok, det, 1.0)
@@ -269,16 +295,27 @@ class HeatmapCodec:
 @dataclass(frozen=True)
 class Tiles:
     """The crops covering one ROI: ``affines (T, 2, 3)`` image -> crop, ``owned (T, 4)``
-    ``(u0, u1, v0, v1)`` in the ROI frame (origin at ``centre``, ``+u`` along the tips)."""
+    ``(u0, u1, v0, v1)`` in the ROI frame (origin at ``centre``, ``+u`` along the tips),
+    the ROI's ``size (w, h)`` and every crop's ``crop_size (w, h)``."""
 
     affines: np.ndarray
     owned: np.ndarray
     centre: np.ndarray
     angle_deg: float
     size: tuple[float, float]
+    crop_size: tuple[int, int] = (256, 256)
 
     def __len__(self) -> int:
         return len(self.affines)
+
+
+def _fit_axis(length: float, max_tile: int, overlap: float, multiple: int) -> int:
+    """Crop length (a multiple of ``multiple``, at most ``max_tile`` rounded down to one)
+    for covering ``length`` px with as few equal crops overlapping by ``overlap`` as fit."""
+    top = max(multiple, int(max_tile) // multiple * multiple)
+    n = 1 if length <= top else int(math.ceil((length - overlap) / max(top - overlap, 1.0)))
+    need = (length + (n - 1) * overlap) / n
+    return int(min(top, max(multiple, math.ceil(need / multiple) * multiple)))
 
 
 def _tile_axis(length: float, tile: float, overlap: float) -> tuple[np.ndarray, np.ndarray]:

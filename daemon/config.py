@@ -85,7 +85,7 @@ class ModelConfig(Strict):
 
     path: str = Field("models/hrnet_tips.onnx", min_length=1,
                       description="ONNX model; a relative path is relative to the polecheck checkout")
-    sha256: str | None = Field("53ce5c771f649a106a2b9b72f81eb2a89f9cfd44a576e29c9ca42584c2bf1224", pattern=r"^[0-9a-f]{64}$",
+    sha256: str | None = Field("92d1d28b86fb734bfff8c56ae0ae8717c508056f07829beb49fdff317bd0fae8", pattern=r"^[0-9a-f]{64}$",
                                description="pinned SHA-256 of the model file (null: not checked)")
     providers: tuple[Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], ...] = Field(
         ("CUDAExecutionProvider", "CPUExecutionProvider"), min_length=1,
@@ -95,7 +95,11 @@ class ModelConfig(Strict):
     threshold: float = Field(0.6, gt=0, lt=1, description="smallest heatmap peak that is a tip")
     low_threshold: float = Field(0.3, gt=0, lt=1,
                                  description="weaker peaks down to this are tips where they continue the staircase")
-    tile_overlap_px: float = Field(48.0, ge=16, le=512, description="overlap of the crops that tile an ROI")
+    tile_overlap_px: float = Field(48.0, ge=16, le=512, description="overlap of the crops where one ROI needs several")
+    max_crop_px: tuple[int, int] | None = Field(
+        (512, 1024), description="(w, h) along/across the layers: crops fitted to the ROI up to this size "
+                                 "(a model with a dynamic input size; null: fixed tiles of the model's input size)")
+    crop_context_px: float = Field(8.0, ge=0, le=128, description="image px of context around the ROI in its crop")
     min_distance_px: float = Field(12.0, ge=0, le=64,
                                    description="NMS: of two same-class tips closer than this only the stronger stays")
     max_batch: int = Field(8, ge=1, le=256, description="B: crops per model call (micro-batch)")
@@ -107,6 +111,10 @@ class ModelConfig(Strict):
     def _thresholds(self):
         if self.low_threshold > self.threshold:
             raise ValueError("model.low_threshold must be <= model.threshold")
+        if self.max_crop_px is not None and not all(64 <= v <= 4096 for v in self.max_crop_px):
+            raise ValueError("model.max_crop_px must be two sizes in [64, 4096] (or null)")
+        if self.max_crop_px is not None and min(self.max_crop_px) <= self.tile_overlap_px:
+            raise ValueError("model.max_crop_px must be larger than model.tile_overlap_px")
         return self
 
     def resolved_path(self) -> Path:

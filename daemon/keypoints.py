@@ -1,15 +1,16 @@
 """Stages 2-3 glue: the tips of one frame from its ROI, through the model.
 
-``tip_candidates``: tile the oriented ROI into canonical crops (``HeatmapCodec.plan_tiles``),
-sample and normalise them, run the model in batches, decode each tile's heatmaps and merge
-the tiles' points back into image coordinates (each tip reported once).  ``select_tips``:
+``tip_candidates``: cover the oriented ROI with canonical crops (``CropPlan``,
+``HeatmapCodec.plan_tiles``), sample and normalise them, run the model in batches, decode
+each crop's heatmaps and merge the crops' points back into image coordinates (each tip
+reported once).  ``select_tips``:
 the hysteresis that keeps strong peaks and the weak ones that continue the staircase.
 ``detect_tips`` is the two in a row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,10 +29,39 @@ class Tips:
     tiles: int = 0
 
 
-def crops_for_roi(img: np.ndarray, roi, codec, overlap: float = 48.0):
-    """``(tiles, x (T, 1, h, w) float32)``: the normalised crops covering ``roi``."""
-    tiles = codec.plan_tiles(roi.centre, roi.angle_deg, roi.size, overlap)
-    crops = np.stack([codec.warp(img, A) for A in tiles.affines])
+@dataclass(frozen=True)
+class CropPlan:
+    """How an ROI becomes model crops (``HeatmapCodec.plan_tiles``): crops overlapping by
+    ``overlap`` px; ``max_size (w, h)`` None for fixed ``codec.input_size`` tiles, else
+    crops fitted to the ROI plus ``context`` px per side, at most ``max_size``, in steps of
+    ``multiple`` px (``model`` config section: tile_overlap_px, max_crop_px, crop_context_px)."""
+
+    overlap: float = 48.0
+    max_size: tuple[int, int] | None = (512, 1024)
+    context: float = 8.0
+    multiple: int = 16
+
+    def for_model(self, model) -> "CropPlan":
+        """This plan as ``model`` can run it: fixed tiles for a model with a fixed input size,
+        steps of at least the model's ``size_multiple`` otherwise."""
+        if self.max_size is None or not getattr(model, "dynamic_size", False):
+            return replace(self, max_size=None)
+        m = int(model.size_multiple)
+        top = getattr(model, "max_size", self.max_size)
+        return replace(self, multiple=int(-(-max(self.multiple, m) // m) * m),
+                       max_size=(min(self.max_size[0], top[0]), min(self.max_size[1], top[1])))
+
+    def tiles(self, codec, roi):
+        """The ``Tiles`` covering ``roi`` (a successful ``RoiResult``)."""
+        return codec.plan_tiles(roi.centre, roi.angle_deg, roi.size, self.overlap, max_size=self.max_size,
+                                context=self.context, multiple=self.multiple)
+
+
+def crops_for_roi(img: np.ndarray, roi, codec, plan: CropPlan = CropPlan(max_size=None)):
+    """``(tiles, x (T, 1, h, w) float32)``: the normalised crops covering ``roi`` (all
+    crops of one ROI have one size)."""
+    tiles = plan.tiles(codec, roi)
+    crops = np.stack([codec.warp(img, A, tiles.crop_size) for A in tiles.affines])
     return tiles, normalise(crops)[:, None]
 
 
@@ -51,13 +81,13 @@ def candidates_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int
     return codec.merge_tiles(decoded, tiles, image_size=image_size)
 
 
-def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, overlap: float = 48.0,
+def tip_candidates(img: np.ndarray, roi, model, low_threshold: float = 0.3, plan: CropPlan = CropPlan(),
                    max_batch: int = 8, min_distance: float = 12.0) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Every peak of at least ``low_threshold`` in ``roi``: per class ``(points (N, 2) image
     x, y, scores (N,))`` (``HeatmapCodec.decode`` with ``min_distance`` px NMS, tiles
     merged), and the number of tiles run."""
     codec = model.codec
-    tiles, x = crops_for_roi(img, roi, codec, overlap)
+    tiles, x = crops_for_roi(img, roi, codec, plan.for_model(model))
     hm = run_model(model, x, max_batch)
     image_size = (img.shape[1], img.shape[0])
     return candidates_from_heatmaps(hm, tiles, codec, image_size, low_threshold, min_distance), len(tiles)
@@ -120,17 +150,17 @@ def tips_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int, int]
     return Tips(a[ka], sa[ka], c[kc], sc[kc], len(hm))
 
 
-def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, overlap: float = 48.0,
+def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, plan: CropPlan = CropPlan(),
                 max_batch: int = 8, min_distance: float = 12.0, low_threshold: float = 0.3) -> Tips:
     """Tips of ``img`` ``(H, W)`` inside ``roi`` (a successful ``RoiResult``) with ``model``
-    (a ``KeypointModel`` or any callable with a ``codec``): crops, the model in batches of
-    ``max_batch``, then ``tips_from_heatmaps``."""
+    (a ``KeypointModel`` or any callable with a ``codec``): crops (``plan``), the model in
+    batches of ``max_batch``, then ``tips_from_heatmaps``."""
     codec = model.codec
-    tiles, x = crops_for_roi(img, roi, codec, overlap)
+    tiles, x = crops_for_roi(img, roi, codec, plan.for_model(model))
     hm = run_model(model, x, max_batch)
     return tips_from_heatmaps(hm, tiles, codec, (img.shape[1], img.shape[0]), threshold, low_threshold,
                               min_distance)
 
 
-__all__ = ["Tips", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi", "candidates_from_heatmaps",
+__all__ = ["Tips", "CropPlan", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi", "candidates_from_heatmaps",
            "tips_from_heatmaps", "same_layer_keep", "run_model"]

@@ -28,12 +28,15 @@ class ModelError(RuntimeError):
 
 class KeypointModel:
     """ONNX Runtime session for tip heatmaps.  ``__call__(x (B, 1, h, w) float32) ->
-    (B, K, h/stride, w/stride) float32``."""
+    (B, K, h/stride, w/stride) float32``.  ``(w, h)`` is ``codec.input_size`` for a model
+    with a fixed input size; a model exported with dynamic ``h, w`` (``dynamic_size``)
+    takes any multiple of ``size_multiple`` (its metadata) up to ``max_size (w, h)``."""
 
     def __init__(self, path: str | Path, sha256: str | None = None,
                  providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
                  threads: int = 0, fp16: bool = True, io_binding: bool = False,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, max_size: tuple[int, int] = (512, 1024),
+                 max_batch: int = 8):
         import onnxruntime as ort
 
         path = Path(path)
@@ -58,8 +61,13 @@ class KeypointModel:
             so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        profile = None
+        if "TensorrtExecutionProvider" in chosen:  # TensorRT needs a profile for dynamic input sizes
+            probe = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+            if not any(isinstance(d, int) for d in probe[2:]):
+                profile = _trt_profile(max_size, max_batch)
         try:
-            self.session = ort.InferenceSession(data, so, providers=[_provider_entry(p, fp16, cache_dir)
+            self.session = ort.InferenceSession(data, so, providers=[_provider_entry(p, fp16, cache_dir, profile)
                                                                       for p in chosen])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelError(f"model {path}: {e}") from e
@@ -78,6 +86,10 @@ class KeypointModel:
             raise ModelError(f"model {path} has no polecheck.codec metadata (not exported by polecheck export)")
         c = json.loads(meta["polecheck.codec"])
         self.codec = HeatmapCodec(tuple(c["input_size"]), int(c["stride"]), float(c["sigma"]), tuple(c["classes"]))
+        self.size_multiple = int(c.get("size_multiple", 0))
+        dims = self.session.get_inputs()[0].shape  # [B, 1, h, w]: ints, or names where dynamic
+        self.dynamic_size = self.size_multiple > 0 and not any(isinstance(d, int) for d in dims[2:])
+        self.max_size = (int(max_size[0]), int(max_size[1])) if self.dynamic_size else tuple(self.codec.input_size)
         self.metadata = {k: json.loads(v) for k, v in meta.items() if k.startswith("polecheck.")}
         self.path = path
         self._input = self.session.get_inputs()[0].name
@@ -89,9 +101,16 @@ class KeypointModel:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
-        w, h = self.codec.input_size
-        if x.ndim != 4 or x.shape[1:] != (1, h, w):
-            raise ValueError(f"model input must be (B, 1, {h}, {w}), got {x.shape}")
+        if self.dynamic_size:
+            m, (mw, mh) = self.size_multiple, self.max_size
+            if (x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % m or x.shape[3] % m or not 0 < x.shape[2] <= mh
+                    or not 0 < x.shape[3] <= mw):
+                raise ValueError(f"model input must be (B, 1, h, w), h and w multiples of {m} up to "
+                                 f"({mh}, {mw}), got {x.shape}")
+        else:
+            w, h = self.codec.input_size
+            if x.ndim != 4 or x.shape[1:] != (1, h, w):
+                raise ValueError(f"model input must be (B, 1, {h}, {w}), got {x.shape}")
         if not self.io_binding:
             return self.session.run(None, {self._input: x})[0]
         b = self.session.io_binding()  # per call: a binding is not thread-safe
@@ -118,13 +137,25 @@ def _has_nvidia_device() -> bool:
     return Path("/dev/nvidiactl").exists()
 
 
-def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None):
-    """``(provider, options)`` for ``InferenceSession``: TensorRT gets FP16 and an engine cache."""
+def _trt_profile(max_size: tuple[int, int], max_batch: int) -> dict:
+    """TensorRT optimisation profile for the input ``x`` (``name:BxCxHxW``): one engine for
+    batch 1..``max_batch`` and crops from 64 px up to ``max_size (w, h)``, tuned for one
+    256 x 512 crop (a typical ROI).  Only for a model with a dynamic input size."""
+    w, h = int(max_size[0]), int(max_size[1])
+    return {"trt_profile_min_shapes": "x:1x1x64x64",
+            "trt_profile_opt_shapes": f"x:1x1x{min(512, h)}x{min(256, w)}",
+            "trt_profile_max_shapes": f"x:{int(max_batch)}x1x{h}x{w}"}
+
+
+def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None, profile: dict | None = None):
+    """``(provider, options)`` for ``InferenceSession``: TensorRT gets FP16, an engine cache
+    and the dynamic-shape ``profile`` (``_trt_profile``)."""
     if name == "TensorrtExecutionProvider":
         opts = {"trt_fp16_enable": bool(fp16)}
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
+        opts.update(profile or {})
         return name, opts
     return name, {}
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .fusion import FusionParams, fuse
-from .keypoints import Tips, detect_tips, same_layer_keep
+from .keypoints import CropPlan, Tips, detect_tips, same_layer_keep
 from .roi import RoiParams, RoiResult, corner_set, detect_roi
 from .rules import CornerVerdict, OverhangLimits, judge_corner
 
@@ -34,7 +34,7 @@ class JudgeSettings:
     roi: RoiParams = RoiParams()
     threshold: float = 0.6
     low_threshold: float = 0.3
-    overlap: float = 48.0
+    crops: CropPlan = CropPlan()
     min_distance: float = 12.0
     max_batch: int = 8
     fusion: FusionParams | None = None
@@ -46,7 +46,7 @@ class JudgeSettings:
         """From a ``daemon.config.Config``."""
         m, r = cfg.model, cfg.recipe
         return cls(roi=cfg.roi.params(), threshold=m.threshold, low_threshold=m.low_threshold,
-                   overlap=m.tile_overlap_px, min_distance=m.min_distance_px, max_batch=m.max_batch,
+                   crops=CropPlan(m.tile_overlap_px, m.max_crop_px, m.crop_context_px), min_distance=m.min_distance_px, max_batch=m.max_batch,
                    fusion=cfg.fusion.params(),
                    limits=OverhangLimits(r.overhang_min_um, r.overhang_max_um, r.expected_layers, r.min_confidence,
                                           r.max_layer_gap))
@@ -106,7 +106,7 @@ def judge_frame(img: np.ndarray, pixel_pitch_um: float, model, s: JudgeSettings)
     tips = None
     if roi.ok:
         t = time.perf_counter()
-        tips = detect_tips(img, roi, model, s.threshold, s.overlap, s.max_batch, s.min_distance, s.low_threshold)
+        tips = detect_tips(img, roi, model, s.threshold, s.crops, s.max_batch, s.min_distance, s.low_threshold)
         times["keypoint_model"] = time.perf_counter() - t
     return refine_and_judge(roi, tips, pixel_pitch_um, s, model.codec.stride, times)
 

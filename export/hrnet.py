@@ -38,6 +38,12 @@ class HRNetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def size_multiple(self) -> int:
+        """Input sizes must be multiples of this (the lowest branch's stride), so that every
+        branch's upsampled features line up with the next higher one."""
+        return 4 * 2 ** (len(self.widths) - 1)
+
     @classmethod
     def from_dict(cls, d: dict) -> "HRNetConfig":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

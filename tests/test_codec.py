@@ -116,11 +116,24 @@ def test_crop_scene_matches_warped_frame():
 
 
 @pytest.mark.parametrize("angle", [0.0, 93.0, 181.5, -88.0])
-@pytest.mark.parametrize("size", [(100.0, 80.0), (300.0, 520.0), (610.0, 250.0)])
-def test_tiles_cover_the_roi_and_own_each_point_once(angle, size):
+@pytest.mark.parametrize("size", [(100.0, 80.0), (300.0, 520.0), (610.0, 250.0), (700.0, 1500.0)])
+@pytest.mark.parametrize("max_size", [None, (512, 1024)])
+def test_tiles_cover_the_roi_and_own_each_point_once(angle, size, max_size):
+    """Fixed 256 px tiles, and crops fitted to the ROI (one where it fits in max_size)."""
     codec = HeatmapCodec((256, 256))
     centre = np.array([500.0, 480.0])
-    tiles = codec.plan_tiles(centre, angle, size, overlap=48)
+    tiles = codec.plan_tiles(centre, angle, size, overlap=48, max_size=max_size, context=8.0, multiple=16)
+    cw, ch = tiles.crop_size
+    if max_size is None:
+        assert (cw, ch) == (256, 256)
+    else:
+        assert cw % 16 == 0 and ch % 16 == 0 and cw <= max_size[0] and ch <= max_size[1]
+        fits = [size[i] + 16 <= max_size[i] for i in range(2)]
+        # one crop per axis where the ROI fits, covering it with the context and < 16 px more
+        assert len(tiles) == (1 if fits[0] else 2) * (1 if fits[1] else 2)
+        for i, c in enumerate((cw, ch)):
+            if fits[i]:
+                assert size[i] + 16 <= c < size[i] + 16 + 16
     rng = np.random.default_rng(1)
     # tips of one class: >= 16 px apart (a jittered 18 px grid over the ROI)
     gu, gv = (np.arange(-s / 2 + 2, s / 2 - 2, 18.0) for s in size)
@@ -133,7 +146,7 @@ def test_tiles_cover_the_roi_and_own_each_point_once(angle, size):
     seen = np.zeros(len(pts), int)
     for A in tiles.affines:
         q = apply_affine(A, pts)
-        inside = (q >= 0).all(1) & (q[:, 0] <= 255) & (q[:, 1] <= 255)
+        inside = (q >= 0).all(1) & (q[:, 0] <= cw - 1) & (q[:, 1] <= ch - 1)
         decoded.append([(q[inside], np.arange(len(pts))[inside].astype(np.float32)),
                         (np.zeros((0, 2)), np.zeros(0, np.float32))])
     (merged, ids), _ = codec.merge_tiles(decoded, tiles)
@@ -149,7 +162,7 @@ def test_tiles_cover_the_roi_and_own_each_point_once(angle, size):
         o = tiles.owned[t]
         own = (rot[:, 0] >= o[0]) & (rot[:, 0] < o[1]) & (rot[:, 1] >= o[2]) & (rot[:, 1] < o[3])
         q = apply_affine(A, merged[own])
-        to_crop_edge = np.minimum(q + 0.5, 255.5 - q)
+        to_crop_edge = np.minimum(q + 0.5, np.array([cw, ch]) - 0.5 - q)
         assert (to_crop_edge >= np.minimum(24.0, to_roi_edge[own]) - 1e-6).all()
 
 

@@ -9,12 +9,14 @@ import pytest
 
 from daemon.config import ConfigError, load_config
 from daemon.evaluate import match_points
-from daemon.keypoints import crops_for_roi, detect_tips
+from daemon.keypoints import CropPlan, crops_for_roi, detect_tips
 from daemon.model import KeypointModel, ModelError
 from daemon.phantom import make_phantom
 from daemon.roi import detect_roi
 
 CFG = load_config(None).model
+PLAN = CropPlan(CFG.tile_overlap_px, CFG.max_crop_px, CFG.crop_context_px)
+FIXED = CropPlan(CFG.tile_overlap_px, None)
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +55,53 @@ def test_metadata_codec_and_batch_invariance(model):
     assert model.codec.stride == 2 and model.codec.classes == ("anode", "cathode")
     ph = make_phantom(np.random.SeedSequence([606, 0]), "normal")
     roi = detect_roi(ph.image)
-    _, x = crops_for_roi(ph.image, roi, model.codec)
+    _, x = crops_for_roi(ph.image, roi, model.codec, FIXED)
     assert len(x) >= 2
     together = model(x)
     alone = np.concatenate([model(x[i:i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(together, alone, atol=1e-4)
     with pytest.raises(ValueError, match="model input"):
-        model(x[:, :, :64])
+        model(x[:, :, :60])  # not a multiple of the model's size multiple (16)
+    with pytest.raises(ValueError, match="model input"):
+        model(np.zeros((1, 1, 2048, 256), np.float32))  # taller than max_size
+
+
+def test_dynamic_size_model_runs_a_fitted_crop_like_its_tiles(model):
+    """The shipped model takes any multiple of 16 up to max_size: a crop fitted to the ROI
+    gives the heatmaps the fixed tiles give where they see the same pixels (the network is
+    fully convolutional; only the crop edges, where zero padding reaches in, differ)."""
+    assert model.dynamic_size and model.size_multiple == 16
+    ph = make_phantom(np.random.SeedSequence([606, 1]), "normal")
+    roi = detect_roi(ph.image)
+    plan = PLAN.for_model(model)
+    tiles, x = crops_for_roi(ph.image, roi, model.codec, plan)
+    w, h = tiles.crop_size
+    assert len(x) == 1 and (x.shape[3], x.shape[2]) == (w, h) and w % 16 == 0 and h % 16 == 0
+    ctx = 2 * CFG.crop_context_px  # the ROI plus its context, rounded up to the next multiple of 16
+    assert roi.size[0] + ctx <= w < roi.size[0] + ctx + 16 and roi.size[1] + ctx <= h < roi.size[1] + ctx + 16
+    hm = model(x)
+    assert hm.shape == (1, 2, h // 2, w // 2)
+    # a 256 px tall band of the crop (full width) run alone: its heatmap rows further than
+    # 96 px from the band's edges (the network's reach) match the whole crop's
+    y0 = (h // 2 - 128) // 16 * 16
+    band = model(np.ascontiguousarray(x[:, :, y0:y0 + 256]))
+    np.testing.assert_allclose(band[0, :, 48:80], hm[0, :, y0 // 2 + 48:y0 // 2 + 80], atol=2e-3)
 
 
 # error bounds: about 1.5x the 16-bit validation figures (docs/accuracy.md), as 4 frames are few
-@pytest.mark.parametrize("preset,bits,mean_px,p95_px", [("normal", 16, 0.35, 0.85), ("normal", 8, 0.35, 0.85),
-                                                        ("hard", 16, 0.45, 1.1)])
-def test_tips_through_the_runtime_path(model, preset, bits, mean_px, p95_px):
-    """Seeded frames: nearly every tip found, sub-pixel on average, few false tips."""
+@pytest.mark.parametrize("preset,bits,mean_px,p95_px,plan", [
+    ("normal", 16, 0.35, 0.85, PLAN), ("normal", 8, 0.35, 0.85, PLAN), ("hard", 16, 0.45, 1.1, PLAN),
+    ("normal", 16, 0.35, 0.85, FIXED)], ids=["normal16", "normal8", "hard16", "normal16-fixed-tiles"])
+def test_tips_through_the_runtime_path(model, preset, bits, mean_px, p95_px, plan):
+    """Seeded frames: nearly every tip found, sub-pixel on average, few false tips, with
+    crops fitted to the ROI (the default) and with fixed 256 px tiles."""
     errs, fp, fn, n_gt, counts_ok = [], 0, 0, 0, 0
     frames = 4
     for i in range(frames):
         ph = make_phantom(np.random.SeedSequence([6060, i]), preset, bits=bits)
         roi = detect_roi(ph.image)
         assert roi.ok
-        tips = detect_tips(ph.image, roi, model, CFG.threshold, CFG.tile_overlap_px, CFG.max_batch, CFG.min_distance_px,
+        tips = detect_tips(ph.image, roi, model, CFG.threshold, plan, CFG.max_batch, CFG.min_distance_px,
                            CFG.low_threshold)
         ok = True
         for pred, key in ((tips.anodes, "anode"), (tips.cathodes, "cathode")):

@@ -39,16 +39,21 @@ def _randomise_bn(model):
     return model.eval()
 
 
-def test_onnx_parity_dynamic_batch():
+def test_onnx_parity_dynamic_batch_and_size():
+    """Batch, height and width are dynamic: a crop of another size (any multiple of the
+    size multiple, here 16 x 16 * k) runs and matches torch."""
     torch.manual_seed(0)
     model = _randomise_bn(HRNet(HRNetConfig()))
+    assert HRNetConfig().size_multiple == 16
     data = to_onnx_bytes(model, (128, 128), {"polecheck.codec": "{}"})
     raw, _, _ = build_crops(3, 3, CropRecipe(size=(128, 128)), jobs=1)
+    other, _, _ = build_crops(4, 1, CropRecipe(size=(96, 208)), jobs=1)
     from daemon.codec import normalise
 
     x = normalise(raw)[:, None]
     assert parity(model, data, x) <= 1e-4
     assert parity(model, data, x[:1]) <= 1e-4
+    assert parity(model, data, normalise(other)[:, None]) <= 1e-4
 
 
 def test_train_smoke_resume_and_export(tmp_path):
