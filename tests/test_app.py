@@ -414,3 +414,49 @@ def test_pub_sub_ingest(model, pool, tmp_path):
     finally:
         rig.close()
     assert sorted(v["seq"] for v in rig.sub.frames) == list(range(8)) and len(rig.sub.cells) == 2
+
+
+class RecordingModel:
+    """The real model; records the input shape of every call (thread-safe append)."""
+
+    def __init__(self, m):
+        self._m = m
+        self.shapes: list[tuple] = []
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self._m(x)
+
+
+def test_micro_batches_of_mixed_crop_sizes_match_the_serial_path(model, pool, tmp_path):
+    """Crops are fitted to each ROI, so one micro-batch holds several sizes: it runs one
+    model call per size, and every frame gets exactly the tips ``judge_frame`` (one frame
+    at a time) finds, so a frame's result never depends on its batch-mates."""
+    from daemon.pipeline import JudgeSettings, judge_frame
+
+    cfg = app_config(pipeline={"model_workers": 1, "batch_wait_ms": 200.0}, journal={"enabled": False},
+                     archive={"enabled": False})
+    rec = RecordingModel(model)
+    rig = Rig(cfg, rec, tmp_path)
+    frames = [f for cell in pool for f in cell]
+    try:
+        for seq, f in enumerate(frames):
+            rig.send(f, seq, f"m{seq // 4}")
+        rig.wait(len(frames), cells=len(pool), timeout=60)
+    finally:
+        rig.close()
+    settings = JudgeSettings.from_config(cfg)
+    sizes = {s[2:] for s in rec.shapes}
+    assert len(sizes) >= 2, sizes  # the ROIs differ, so do their crops
+    assert any(s[0] > 1 for s in rec.shapes), rec.shapes  # and some calls did batch
+    got = {v["seq"]: v for v in rig.sub.frames}
+    assert sorted(got) == list(range(len(frames)))
+    for seq, f in enumerate(frames):
+        ref = judge_frame(f.image, f.pixel_pitch_um, model, settings)
+        v = got[seq]
+        assert v["verdict"] == ref.verdict.verdict, seq
+        for key, pts in (("anodes", ref.anodes), ("cathodes", ref.cathodes)):
+            np.testing.assert_allclose(np.reshape(v[key], (-1, 2)), np.reshape(pts, (-1, 2)), atol=2e-3)
