@@ -214,7 +214,8 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
 
 @stage("pipeline")
 def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, frames: int = 200,
-                   pool_cells: int = 6, preset: str = "normal", rate_fraction: float = 0.7, **_) -> dict:
+                   pool_cells: int = 6, preset: str = "normal", rate_fraction: float = 0.7, rounds: int = 3,
+                   **_) -> dict:
     """Feed -> verdict on ``frames`` frames of ``size`` ``bits``-bit phantoms over loopback
     ZeroMQ, all variants in one run:
 
@@ -227,7 +228,11 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     (last verdict received - first frame sent).  The paced run feeds the App at
     ``rate_fraction`` of its throughput and gives the latency: verdict received - frame
     sent (the header's ``ts_ns``), p50/p99.  RSS is this process's (the feed's pool of
-    ``pool_cells`` x 4 frames included)."""
+    ``pool_cells`` x 4 frames included).
+
+    The machine's speed drifts within minutes, so the truly serial baseline and the
+    unpaced App run ``rounds`` times, alternating; their rows are the median-throughput
+    run of each, and the ratio is of the medians (every run's throughput is listed)."""
     import tempfile
     import threading
 
@@ -302,9 +307,17 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
             ctx.term()
             tmp.cleanup()
 
-    rows = {"serial, ORT 1 thread, unpaced": run(0.0, serial_threads=1),
+    serial, piped = [], []
+    for _ in range(max(1, rounds)):
+        serial.append(run(0.0, serial_threads=1))
+        piped.append(run(0.0))
+
+    def median_run(runs: list[dict]) -> dict:
+        return sorted(runs, key=lambda r: r["frames_per_s"])[len(runs) // 2]
+
+    rows = {"serial, ORT 1 thread, unpaced": median_run(serial),
             "serial, ORT 2 threads, unpaced": run(0.0, serial_threads=2),
-            "pipelined App, unpaced": run(0.0)}
+            "pipelined App, unpaced": median_run(piped)}
     rate = round(rate_fraction * rows["pipelined App, unpaced"]["frames_per_s"], 1)
     rows[f"pipelined App, paced {rate}/s"] = run(rate)
     rows["pipelined App, roi_corners in processes, unpaced"] = run(0.0, executor="process")
@@ -313,6 +326,10 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     return {"rows": rows,
             "pipelined_over_serial_1t": round(fps["pipelined App, unpaced"] / fps["serial, ORT 1 thread, unpaced"], 2),
             "pipelined_over_serial_2t": round(fps["pipelined App, unpaced"] / fps["serial, ORT 2 threads, unpaced"], 2),
+            "serial_1t_runs_fps": [r["frames_per_s"] for r in serial],
+            "pipelined_runs_fps": [r["frames_per_s"] for r in piped],
+            "pipelined_over_serial_1t_per_round": [round(a["frames_per_s"] / b["frames_per_s"], 2)
+                                                   for a, b in zip(piped, serial)],
             "size": list(size), "bits": bits, "preset": preset, "provider": models[1].provider,
             "ort_threads": m.threads, "model_workers": base.pipeline.model_workers,
             "roi_workers": base.pipeline.roi_workers, "max_batch": m.max_batch,

@@ -332,8 +332,9 @@ def test_bench_pipeline_smoke():
     every frame, none overloaded (the bench feeds with back-pressure)."""
     from daemon.bench import bench_pipeline
 
-    res = bench_pipeline(size=(256, 256), bits=16, frames=16, pool_cells=2)
+    res = bench_pipeline(size=(256, 256), bits=16, frames=16, pool_cells=2, rounds=2)
     assert len(res["rows"]) == 6
+    assert len(res["serial_1t_runs_fps"]) == len(res["pipelined_runs_fps"]) == 2
     for name, row in res["rows"].items():
         assert row["frames"] == 16 and row["overload"] == 0, (name, row)
         assert row["frames_per_s"] > 0 and row["latency_p99_ms"] >= row["latency_p50_ms"] > 0
