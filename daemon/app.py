@@ -40,6 +40,7 @@ import numpy as np
 import zmq
 
 from . import __version__
+from .codec import MAX_CROP
 from .keypoints import crops_for_roi, run_model, tips_from_heatmaps
 from .metrics import Metrics
 from .model import KeypointModel
@@ -107,7 +108,7 @@ class App:
         # TensorRT builds its engine at the first load; the cache keeps restarts fast
         self.model = model or KeypointModel(m.resolved_path(), m.sha256, m.providers, m.threads, m.fp16,
                                             m.io_binding, cache_dir=self.state_dir / "trt-engines",
-                                            max_size=m.max_crop_px or (512, 1024), max_batch=m.max_batch)
+                                            max_size=m.max_crop_px or MAX_CROP, max_batch=m.max_batch)
         self.metrics.set_model(self.model)
         self.limits = FrameLimits(cfg.ingest.max_frame_bytes, cfg.ingest.max_side, cfg.ingest.max_header_bytes)
         self.queues = {name: queue.Queue(p.queue_size) for name in QUEUES[:3]}

@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 
 CLASSES = ("anode", "cathode")
+#: largest crop ``(w, h)`` fitted to an ROI by default (along, across the layers)
+MAX_CROP = (512, 1024)
 
 
 def _rot(deg: float) -> np.ndarray:
@@ -243,7 +245,6 @@ class HeatmapCodec:
         return [self._decode_one(hm[c], threshold, border, min_distance) for c in range(hm.shape[0])]
 
     def _decode_one(self, h: np.ndarray, threshold: float, border: int, min_distance: float = 0.0):
-        hh, wh = h.shape
         # A peak is >= its 4 later neighbours (raster order) and > its 4 earlier ones, so a
         # plateau of equal maxima gives exactly one peak (its first pixel).  Only pixels
         # above the threshold (a few hundred of ~35 k) are compared with their neighbours.
@@ -331,4 +332,4 @@ def _tile_axis(length: float, tile: float, overlap: float) -> tuple[np.ndarray, 
     return c, b
 
 
-__all__ = ["CLASSES", "HeatmapCodec", "Tiles", "normalise", "apply_affine", "invert_affine", "compose_affine"]
+__all__ = ["CLASSES", "MAX_CROP", "HeatmapCodec", "Tiles", "normalise", "apply_affine", "invert_affine", "compose_affine"]

@@ -96,7 +96,7 @@ class ModelConfig(Strict):
     low_threshold: float = Field(0.3, gt=0, lt=1,
                                  description="weaker peaks down to this are tips where they continue the staircase")
     tile_overlap_px: float = Field(48.0, ge=16, le=512, description="overlap of the crops where one ROI needs several")
-    max_crop_px: tuple[int, int] | None = Field(
+    max_crop_px: tuple[int, int] | None = Field(  # the default is codec.MAX_CROP (a test checks)
         (512, 1024), description="(w, h) along/across the layers: crops fitted to the ROI up to this size "
                                  "(a model with a dynamic input size; null: fixed tiles of the model's input size)")
     crop_context_px: float = Field(8.0, ge=0, le=128, description="image px of context around the ROI in its crop")

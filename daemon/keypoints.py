@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .codec import normalise
+from .codec import MAX_CROP, normalise
 
 
 @dataclass
@@ -37,7 +37,7 @@ class CropPlan:
     ``multiple`` px (``model`` config section: tile_overlap_px, max_crop_px, crop_context_px)."""
 
     overlap: float = 48.0
-    max_size: tuple[int, int] | None = (512, 1024)
+    max_size: tuple[int, int] | None = MAX_CROP
     context: float = 8.0
     multiple: int = 16
 

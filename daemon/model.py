@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import HeatmapCodec
+from .codec import MAX_CROP, HeatmapCodec
 
 log = logging.getLogger("polecheck.model")
 
@@ -35,7 +35,7 @@ class KeypointModel:
     def __init__(self, path: str | Path, sha256: str | None = None,
                  providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
                  threads: int = 0, fp16: bool = True, io_binding: bool = False,
-                 cache_dir: str | Path | None = None, max_size: tuple[int, int] = (512, 1024),
+                 cache_dir: str | Path | None = None, max_size: tuple[int, int] = MAX_CROP,
                  max_batch: int = 8):
         import onnxruntime as ort
 

@@ -9,6 +9,7 @@ import pytest
 
 from daemon.config import ConfigError, load_config
 from daemon.evaluate import match_points
+from daemon.codec import MAX_CROP
 from daemon.keypoints import CropPlan, crops_for_roi, detect_tips
 from daemon.model import KeypointModel, ModelError
 from daemon.phantom import make_phantom
@@ -71,6 +72,7 @@ def test_dynamic_size_model_runs_a_fitted_crop_like_its_tiles(model):
     gives the heatmaps the fixed tiles give where they see the same pixels (the network is
     fully convolutional; only the crop edges, where zero padding reaches in, differ)."""
     assert model.dynamic_size and model.size_multiple == 16
+    assert CFG.max_crop_px == MAX_CROP == model.max_size  # one default for config, plan and runner
     ph = make_phantom(np.random.SeedSequence([606, 1]), "normal")
     roi = detect_roi(ph.image)
     plan = PLAN.for_model(model)
