@@ -61,13 +61,19 @@ def normalise(crop: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) 
     return np.clip(out, -0.25, 1.25).reshape(x.shape).astype(np.float32)
 
 
+def keep_strongest(close: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """``(N,) bool`` keep mask: item i stays unless an item j it is ``close (N, N) bool`` to
+    ranks higher (``rank (N,)``; ties: the earlier wins).  One pairwise pass, no greedy loop."""
+    idx = np.arange(len(rank))
+    higher = (rank[None, :] > rank[:, None]) | ((rank[None, :] == rank[:, None]) & (idx[None, :] < idx[:, None]))
+    return ~(close & higher).any(axis=1)
+
+
 def _nms(pts: np.ndarray, scores: np.ndarray, min_distance: float) -> np.ndarray:
     """``(N,) bool`` keep mask: a point ``(N, 2)`` stays unless a stronger one (ties: the
-    earlier) lies closer than ``min_distance``.  One pairwise pass, no greedy loop."""
+    earlier) lies closer than ``min_distance``."""
     d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
-    idx = np.arange(len(pts))
-    stronger = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (idx[None, :] < idx[:, None]))
-    return ~((d2 < min_distance * min_distance) & stronger).any(axis=1)
+    return keep_strongest(d2 < min_distance * min_distance, scores)
 
 
 @dataclass(frozen=True)
@@ -134,17 +140,16 @@ class HeatmapCodec:
 
         Crop size: ``input_size`` when ``max_size`` is None (fixed tiles).  With ``max_size
         (w, h)`` (a model that takes any input size) the crops are fitted to the ROI: per
-        axis, the ROI plus ``context`` px on each side is covered by as few crops as fit in
+        axis, the ROI plus ``context`` image px on each side is covered by as few crops as fit in
         ``max_size``, each the same length, rounded up to ``multiple`` px (the network's
         size granularity).  A typical ROI is then one crop with no pixel run twice, where
         fixed 256 px tiles run about 1.8x the ROI's area."""
         if max_size is None:
             crop = tuple(int(v) for v in self.input_size)
             extent = (float(size[0]), float(size[1]))
-        else:
-            extent = tuple(float(size[i]) * scale + 2 * context for i in range(2))
-            crop = tuple(_fit_axis(extent[i], int(max_size[i]), overlap * scale, multiple) for i in range(2))
-            extent = (extent[0] / scale, extent[1] / scale)
+        else:  # extent in image px; the crop's length in crop px
+            extent = (float(size[0]) + 2 * context, float(size[1]) + 2 * context)
+            crop = tuple(_fit_axis(extent[i] * scale, int(max_size[i]), overlap * scale, multiple) for i in range(2))
         tw, th = (crop[0] / scale, crop[1] / scale)
         cu, bu = _tile_axis(extent[0], tw, overlap)
         cv, bv = _tile_axis(extent[1], th, overlap)
@@ -193,11 +198,8 @@ class HeatmapCodec:
             p, sc, m = np.concatenate(pts), np.concatenate(scs), np.concatenate(margin)
             if len(p) > 1:
                 d = np.linalg.norm(p[:, None, :] - p[None, :, :], axis=2)
-                idx = np.arange(len(p))
                 # j beats i: nearer than same_tip and further from its crop edge (ties: first)
-                better = (m[None, :] > m[:, None]) | ((m[None, :] == m[:, None]) & (idx[None, :] < idx[:, None]))
-                beats = (d < same_tip) & better
-                keep = ~beats.any(axis=1)
+                keep = keep_strongest(d < same_tip, m)
                 p, sc = p[keep], sc[keep]
             out.append((p, sc))
         return out
@@ -332,4 +334,5 @@ def _tile_axis(length: float, tile: float, overlap: float) -> tuple[np.ndarray, 
     return c, b
 
 
-__all__ = ["CLASSES", "MAX_CROP", "HeatmapCodec", "Tiles", "normalise", "apply_affine", "invert_affine", "compose_affine"]
+__all__ = ["CLASSES", "MAX_CROP", "HeatmapCodec", "Tiles", "normalise", "keep_strongest", "apply_affine",
+           "invert_affine", "compose_affine"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .codec import MAX_CROP, normalise
+from .codec import MAX_CROP, keep_strongest, normalise
 
 
 @dataclass
@@ -132,10 +132,7 @@ def same_layer_keep(v: np.ndarray, scores: np.ndarray, v_all: np.ndarray, frac: 
     if len(v) < 2 or len(steps) < 2:
         return keep
     thr = frac * float(np.median(steps))
-    d = np.abs(v[:, None] - v[None, :])
-    idx = np.arange(len(v))
-    stronger = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (idx[None, :] < idx[:, None]))
-    return ~((d < thr) & stronger).any(axis=1)
+    return keep_strongest(np.abs(v[:, None] - v[None, :]) < thr, scores)
 
 
 def tips_from_heatmaps(hm: np.ndarray, tiles, codec, image_size: tuple[int, int], threshold: float = 0.6,
@@ -162,5 +159,5 @@ def detect_tips(img: np.ndarray, roi, model, threshold: float = 0.6, plan: CropP
                               min_distance)
 
 
-__all__ = ["Tips", "CropPlan", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi", "candidates_from_heatmaps",
-           "tips_from_heatmaps", "same_layer_keep", "run_model"]
+__all__ = ["Tips", "CropPlan", "detect_tips", "tip_candidates", "select_tips", "crops_for_roi",
+           "candidates_from_heatmaps", "tips_from_heatmaps", "same_layer_keep", "run_model"]
