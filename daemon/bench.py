@@ -139,7 +139,7 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
     frames = [make_phantom(np.random.SeedSequence([27182, i]), "normal", size, bits).image for i in range(n)]
     rois = [detect_roi(f) for f in frames]
     pairs = [(f, r) for f, r in zip(frames, rois) if r.ok]
-    plan = CropPlan(cfg.tile_overlap_px, cfg.max_crop_px, cfg.crop_context_px).for_model(m)
+    plan = CropPlan.from_config(cfg).for_model(m)
     fixed = CropPlan(cfg.tile_overlap_px, None)
     tiled = [crops_for_roi(f, r, m.codec, fixed) for f, r in pairs]  # (tiles, x) per frame
     fitted = [crops_for_roi(f, r, m.codec, plan) for f, r in pairs]

@@ -219,7 +219,7 @@ def cmd_eval_model(a: argparse.Namespace) -> int:
     return _eval_presets(a, lambda preset, progress: model_accuracy(
         path, preset, a.n, tuple(a.size), a.bits, sha, jobs=a.jobs or None, progress=progress,
         seed_root=a.seed_root, thresholds=a.threshold or (cfg.threshold,), low_threshold=cfg.low_threshold,
-        plan=CropPlan(cfg.tile_overlap_px, cfg.max_crop_px, cfg.crop_context_px),
+        plan=CropPlan.from_config(cfg),
         min_distance=cfg.min_distance_px if a.min_distance is None else a.min_distance))
 
 

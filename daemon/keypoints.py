@@ -41,6 +41,11 @@ class CropPlan:
     context: float = 8.0
     multiple: int = 16
 
+    @classmethod
+    def from_config(cls, m) -> "CropPlan":
+        """From the ``model`` config section (``daemon.config.ModelConfig``)."""
+        return cls(m.tile_overlap_px, m.max_crop_px, m.crop_context_px)
+
     def for_model(self, model) -> "CropPlan":
         """This plan as ``model`` can run it: fixed tiles for a model with a fixed input size,
         steps of at least the model's ``size_multiple`` otherwise."""

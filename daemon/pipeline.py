@@ -46,7 +46,7 @@ class JudgeSettings:
         """From a ``daemon.config.Config``."""
         m, r = cfg.model, cfg.recipe
         return cls(roi=cfg.roi.params(), threshold=m.threshold, low_threshold=m.low_threshold,
-                   crops=CropPlan(m.tile_overlap_px, m.max_crop_px, m.crop_context_px), min_distance=m.min_distance_px, max_batch=m.max_batch,
+                   crops=CropPlan.from_config(m), min_distance=m.min_distance_px, max_batch=m.max_batch,
                    fusion=cfg.fusion.params(),
                    limits=OverhangLimits(r.overhang_min_um, r.overhang_max_um, r.expected_layers, r.min_confidence,
                                           r.max_layer_gap))

@@ -16,7 +16,7 @@ from daemon.phantom import make_phantom
 from daemon.roi import detect_roi
 
 CFG = load_config(None).model
-PLAN = CropPlan(CFG.tile_overlap_px, CFG.max_crop_px, CFG.crop_context_px)
+PLAN = CropPlan.from_config(CFG)
 FIXED = CropPlan(CFG.tile_overlap_px, None)
 
 
