@@ -111,7 +111,7 @@ def _rot(deg: float) -> np.ndarray:
 def robust_window(img: np.ndarray, percentiles=(0.5, 99.5), stride: int = 4) -> tuple[float, float]:
     """Percentile window ``(lo, hi)`` of ``img`` ``(H, W)`` from every ``stride``-th pixel."""
     sub = img[::stride, ::stride].ravel()
-    k = np.clip(np.round(np.array(percentiles) / 100 * (sub.size - 1)).astype(int), 0, sub.size - 1)
+    k = [min(max(int(round(q / 100 * (sub.size - 1))), 0), sub.size - 1) for q in percentiles]
     part = np.partition(sub, k)
     return float(part[k[0]]), float(part[k[1]])
 
@@ -145,44 +145,47 @@ def fast_corners(g8: np.ndarray, threshold: int, n: int) -> tuple[np.ndarray, np
 
 
 @functools.lru_cache(maxsize=16)
-def _disc(radius: int) -> np.ndarray:
+def _disc_moments(radius: int) -> np.ndarray:
+    """``((2r+1)^2, 2) float32``: the weights ``(dx, dy)`` of the intensity centroid over the
+    disc of ``radius``, row-major over the square patch, zero outside the disc."""
     d = np.arange(-radius, radius + 1)
     dx, dy = np.meshgrid(d, d)
-    m = dx * dx + dy * dy <= radius * radius
-    out = np.stack([dx[m], dy[m]], 1)  # (P, 2)
+    inside = dx * dx + dy * dy <= radius * radius
+    out = (np.stack([dx, dy], -1) * inside[..., None]).reshape(-1, 2).astype(np.float32)
     out.setflags(write=False)  # cached and shared
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _square(radius: int) -> np.ndarray:
-    """``(2r+1, 2r+1, 2) int`` offsets ``(dx, dy)`` of a square patch."""
-    d = np.arange(-radius, radius + 1)
-    out = np.stack(np.meshgrid(d, d), axis=-1)
-    out.setflags(write=False)  # cached and shared
-    return out
-
-
-def gather_patches(img: np.ndarray, pts: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """Pixels of ``img`` ``(H, W)`` at ``off`` ``(..., 2) int (dx, dy)`` around each of
-    ``pts`` ``(K, 2)`` (rounded), edge-replicated: ``(K, ...) float32``, one gather."""
-    r = int(np.abs(off).max())
-    pad = cv2.copyMakeBorder(img, r, r, r, r, cv2.BORDER_REPLICATE)
-    wp = pad.shape[1]
-    c = np.clip(np.rint(pts).astype(np.int64), 0, [img.shape[1] - 1, img.shape[0] - 1])
-    base = (c[:, 1] + r) * wp + (c[:, 0] + r)
-    idx = base.reshape((-1,) + (1,) * (off.ndim - 1)) + (off[..., 1] * wp + off[..., 0])[None]
-    return np.take(pad.ravel(), idx).astype(np.float32)
+def square_patches(img: np.ndarray, pts: np.ndarray, radius: int) -> np.ndarray:
+    """The ``(2r+1, 2r+1)`` patches of ``img`` ``(H, W)`` centred on each of ``pts``
+    ``(K, 2)`` (rounded), edge-replicated: ``(K, 2r+1, 2r+1)`` of img's dtype.  One fancy
+    index into a strided view of all windows; the image is padded only when a patch
+    leaves it."""
+    h, w = img.shape
+    c = np.rint(pts).astype(np.intp).reshape(-1, 2)  # (K, 2)
+    if len(c) and int(c.min()) >= radius and int(c[:, 0].max()) < w - radius \
+            and int(c[:, 1].max()) < h - radius:
+        src = img
+    else:
+        src = cv2.copyMakeBorder(img, radius, radius, radius, radius, cv2.BORDER_REPLICATE)
+        c = np.clip(c, 0, (w - 1, h - 1)) + radius
+    s = 2 * radius + 1
+    src = np.ascontiguousarray(src)
+    sy, sx = src.strides
+    # win[y, x]: the patch centred on (x + r, y + r); a read-only view, no copy
+    win = np.ndarray((src.shape[0] - s + 1, src.shape[1] - s + 1, s, s), src.dtype, src, 0, (sy, sx, sy, sx))
+    return win[c[:, 1] - radius, c[:, 0] - radius]
 
 
 def ofast_orientation(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.ndarray:
     """Intensity-centroid orientation (ORB) of each keypoint, ``(K,) float32`` radians:
     the angle of ``(m10, m01)`` over a disc of ``radius``; 0 = towards +x.  Vectorised:
-    one gather of all patches from the edge-replicated image, two mat-vec products."""
+    one gather of all patches, one mat-vec product (exact: integer pixels times integer
+    offsets sum to far below 2^24 in float32)."""
     if len(pts) == 0:
         return np.zeros(0, np.float32)
-    off = _disc(radius)
-    m = gather_patches(g8, pts, off) @ off.astype(np.float32)  # (K, 2): m10, m01
+    patches = square_patches(g8, pts, radius).reshape(len(pts), -1).astype(np.float32)
+    m = patches @ _disc_moments(radius)  # (K, 2): m10, m01
     return np.arctan2(m[:, 1], m[:, 0]).astype(np.float32)
 
 
@@ -223,7 +226,7 @@ def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
     ci = np.minimum((pts[:, 1] / cell).astype(int), gh - 1)
     cj = np.minimum((pts[:, 0] / cell).astype(int), gw - 1)
     grid = np.bincount(ci * gw + cj, weights=weights, minlength=gh * gw).reshape(gh, gw)
-    occ = cv2.dilate((grid > 0).astype(np.uint8), np.ones((3, 3), np.uint8))
+    occ = cv2.dilate((grid > 0).astype(np.uint8), None)  # 3x3
     n, lab = cv2.connectedComponents(occ, connectivity=8)
     comp_w = np.bincount(lab.ravel(), weights=grid.ravel(), minlength=n)
     comp_w[0] = 0.0
@@ -266,7 +269,7 @@ def layer_axis_at_corners(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tu
     the band covers only the few patches that touch it.  Returns ``(angle, coherence)``
     like ``layer_axis_angle``.  ``pts`` ``(K, 2)``; one gather of ``(K, 2r+3, 2r+3)``.
     """
-    patch = gather_patches(g, pts, _square(radius + 1))  # (K, 2r+3, 2r+3)
+    patch = square_patches(g, pts, radius + 1).astype(np.float32)  # (K, 2r+3, 2r+3)
     gx = 0.5 * (patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])
     gy = 0.5 * (patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1])
     return _tensor_axis(gx, gy)
@@ -283,15 +286,17 @@ def _quantile(x: np.ndarray, q: float) -> float:
     np.percentile's overhead (it dominates on the short profiles here)."""
     pos = q * (len(x) - 1)
     k = int(pos)
+    part = np.array(x)  # a copy; ndarray.partition skips np.partition's dispatch
     if k + 1 >= len(x):
-        return float(np.partition(x, k)[k])
-    part = np.partition(x, [k, k + 1])
+        part.partition(k)
+        return float(part[k])
+    part.partition([k, k + 1])
     return float(part[k] + (pos - k) * (part[k + 1] - part[k]))
 
 
 def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
     """``(R,)`` maximum of ``d`` over each ``[start, end)`` run (runs are non-empty, sorted)."""
-    return np.maximum.reduceat(np.r_[d, -np.inf], runs.ravel())[::2]
+    return np.maximum.reduceat(np.append(d, -np.inf), runs.ravel())[::2]
 
 
 def _runs(mask: np.ndarray) -> np.ndarray:
@@ -305,10 +310,13 @@ def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
     ends at a gap wider than ``gap``: the stack's tips are a chain of corners at most a
     layer pitch or two apart, a fixture or wall beside the stack is a separate run."""
     s = np.sort(v)
-    cut = np.flatnonzero(np.diff(s) > gap) + 1
-    bounds = np.r_[0, cut, len(s)]
-    k = int(np.argmax(np.diff(bounds)))
-    return float(s[bounds[k]]), float(s[bounds[k + 1] - 1])
+    last = np.flatnonzero(np.diff(s) > gap)  # (C,) the last member of each run but the final one
+    if not len(last):
+        return float(s[0]), float(s[-1])
+    ends = np.append(last, len(s) - 1)
+    starts = np.concatenate(([0], last + 1))
+    k = int(np.argmax(ends - starts))  # the first of the longest runs
+    return float(s[starts[k]]), float(s[ends[k]])
 
 
 def _chain_gap(v: np.ndarray) -> float:
@@ -320,7 +328,7 @@ def _chain_gap(v: np.ndarray) -> float:
     # the upper quartile: a tip often has two or three corners 2-3 px apart, and those
     # steps would pull a median below the pitch between tips
     pitch = _quantile(steps, 0.75) if len(steps) else GAP_V[0] / 4
-    return float(np.clip(4.0 * pitch, *GAP_V))
+    return float(min(max(4.0 * pitch, GAP_V[0]), GAP_V[1]))
 
 
 def _fail(reason: str, detail: str, window=(0.0, 0.0)) -> RoiResult:
@@ -361,16 +369,17 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         return _fail("no_band", f"densest cluster has {int(members.sum())} corners", (lo, hi))
 
     # layer axis and tip direction
-    spread = np.ptp(pts[members], axis=0).max()
-    half = int(np.clip(spread, 16, max(g.shape) // 3))
+    mp = pts[members]  # (Km, 2)
+    spread = float((mp.max(0) - mp.min(0)).max())
+    half = int(min(max(spread, 16), max(g.shape) // 3))
     axis, coh = layer_axis_angle(g, centre, min(half, 48))
-    axis_c, coh_c = layer_axis_at_corners(g, pts[members])
+    axis_c, coh_c = layer_axis_at_corners(g, mp)
     if coh_c > coh:  # walls or fixtures in the centre patch: trust the corners' surroundings
         axis, coh = axis_c, coh_c
     if coh < p.min_coherence:
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
     ax = np.array([math.cos(axis), math.sin(axis)])
-    angles = ofast_orientation(g, pts[members], p.orient_radius)
+    angles = ofast_orientation(g, mp, p.orient_radius)
     # Tip direction: the tips' oFAST orientations look at the bright side ahead of them
     # (measured: right in every conflict with the body-side test, which a can wall just
     # past the tips can fool); the darker body behind the tips decides when they are split.
@@ -391,7 +400,8 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     side = max(prof.shape)
     lu, lv = int(0.35 * side), int(0.65 * side)
     R = _rot(phi)
-    M = np.hstack([R, (c_p - R @ np.array([lu, lv]))[:, None]]).astype(np.float32)
+    M = np.empty((2, 3), np.float32)  # window -> prof: [R | t]
+    M[:, :2], M[:, 2] = R, c_p - R @ np.array([lu, lv])
     win = cv2.warpAffine(prof, M, (2 * lu + 1, 2 * lv + 1), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_REPLICATE)  # (Hw, Ww) uint8
     # tip-like corners: their oFAST orientation looks along the tips (the bright side is
@@ -399,7 +409,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     tiplike = np.cos(angles - math.radians(phi)) > 0.5
     if tiplike.sum() < p.min_corners // 2:
         return _fail("no_band", f"only {int(tiplike.sum())} tip-like corners", (lo, hi))
-    q = ((pts[members][tiplike] + 0.5) / fp - 0.5 - c_p) @ R + np.array([lu, lv])  # window coords
+    q = ((mp[tiplike] + 0.5) / fp - 0.5 - c_p) @ R + np.array([lu, lv])  # window coords
     cu = _quantile(q[:, 0], 0.5)
     gap_v = _chain_gap(q[:, 1])
     cv = _densest_span(q[:, 1], gap_v)
@@ -513,7 +523,7 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     seg = rows[:, end:end + reach]
     if seg.size == 0:
         return end
-    frac = (seg < 0.5 * (body + background)).mean(axis=0)  # (C,) share of dark rows per column
+    frac = (seg < 0.5 * (body + background)).sum(axis=0) / len(seg)  # (C,) share of dark rows per column
     stop = np.flatnonzero((frac == 0) | (frac >= wall_frac))
     return end + (int(stop[0]) if len(stop) else seg.shape[1])
 
@@ -549,11 +559,11 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     # pitches: gaps up to four periods of the hot runs inside the anchor are joined too
     inside = runs[(runs[:, 0] >= lo_a) & (runs[:, 0] <= hi_a), 0]
     period = _quantile(np.diff(inside).astype(np.float64), 0.5) if len(inside) > 2 else 0.0
-    join = float(np.clip(4.0 * period, min_gap, 2 * min_gap))
+    join = float(min(max(4.0 * period, min_gap), 2 * min_gap))
     first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= join) + 1))  # of each group
     starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
     csum = np.concatenate(([0.0], np.cumsum(e)))
-    k = int(np.argmax(csum[np.clip(ends, lo_a, hi_a)] - csum[np.clip(starts, lo_a, hi_a)]))
+    k = int(np.argmax(csum[np.minimum(np.maximum(ends, lo_a), hi_a)] - csum[np.minimum(np.maximum(starts, lo_a), hi_a)]))
     return max(float(starts[k]), lo_a - cap), min(float(ends[k]) + 1.0, hi_a + cap)
 
 

@@ -137,6 +137,10 @@ def test_vectorised_orientation_matches_the_serial_reference():
     g = rng.integers(0, 256, (90, 120)).astype(np.uint8)
     pts = np.c_[rng.uniform(0, 119, 60), rng.uniform(0, 89, 60)].astype(np.float32)  # within r of the edges too
     np.testing.assert_allclose(ofast_orientation(g, pts, 7), ofast_orientation_serial(g, pts, 7), atol=1e-5)
+    inner = np.c_[rng.uniform(7, 112, 60), rng.uniform(7, 82, 60)].astype(np.float32)  # no patch leaves g: no padding
+    np.testing.assert_allclose(ofast_orientation(g, inner, 7), ofast_orientation_serial(g, inner, 7), atol=1e-5)
+    view, sub = g[5:80, 3:110], inner[(inner[:, 0] < 99) & (inner[:, 1] < 67)]  # a view: strided rows
+    np.testing.assert_allclose(ofast_orientation(view, sub, 7), ofast_orientation_serial(view, sub, 7), atol=1e-5)
 
 
 def test_orientation_points_to_the_bright_side():
