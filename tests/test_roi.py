@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from daemon import phantom as P
-from daemon.roi import (REASONS, RoiParams, _densest_span, _u_extent, detect_roi, detect_rois,
+from daemon.roi import (REASONS, RoiParams, _densest_span, _u_extent, detect_roi, detect_rois, fast_corners,
                         ofast_orientation, ofast_orientation_serial, robust_window, to_8bit)
 
 SIZE = (768, 768)
@@ -206,3 +206,50 @@ def test_a_single_long_layer_extends_the_band():
     wall = np.full((100, 120), 220, np.uint8)
     wall[:, 40:60] = 35
     assert _lone_layers_end(wall, 40, body=30.0, background=220.0) == 40
+
+
+def test_fast_at_a_higher_threshold_is_the_stronger_subset():
+    """What the coarse FAST probe relies on: with non-max suppression, threshold t finds
+    exactly the corners that a lower threshold finds with response >= t, in the same order."""
+    import cv2
+
+    for k, preset in enumerate(("normal", "hard", "defects")):
+        ph = P.make_phantom(np.random.SeedSequence([4545, k]), preset, (1024, 1024), 16)
+        g = cv2.resize(ph.image, (512, 512), interpolation=cv2.INTER_AREA)
+        g8 = to_8bit(g, *robust_window(g))
+        pts, resp = fast_corners(g8, 10, 10**6)
+        assert len(pts) > 50
+        for t in (12, 20, 31):
+            p_t, r_t = fast_corners(g8, t, 10**6)
+            np.testing.assert_array_equal(p_t, pts[resp >= t])
+            np.testing.assert_array_equal(r_t, resp[resp >= t])
+
+
+def test_the_coarse_probe_does_not_change_the_result():
+    """detect_roi is the same with the coarse FAST probe as without it (probe threshold =
+    the base threshold), on frames that take the probe, frames with more than n_coarse
+    corners at the base threshold, and a low-contrast frame that falls back to the full pass."""
+    import cv2
+
+    from daemon.roi import coarse_corners
+
+    base = RoiParams()
+    off = RoiParams(fast_probe_threshold=base.fast_threshold)
+    frames = [P.make_phantom(np.random.SeedSequence([999, i]), pre, (1024, 1024), 16).image
+              for pre in ("normal", "hard") for i in range(1, 4)]
+    noisy = P.make_phantom(np.random.SeedSequence([999, 0]), "normal", (1024, 1024), 16).image  # 1329 corners
+    frames.append(noisy)
+    frames.append(cv2.GaussianBlur(frames[0], (0, 0), 4))  # soft tips: 8th-best response 55 < 4 x the probe's 20
+    took_probe = 0
+    for img in frames:
+        a, b = detect_roi(img, base), detect_roi(img, off)
+        assert (a.ok, a.reason, a.direction, a.box, a.size, a.angle_deg) == (b.ok, b.reason, b.direction, b.box,
+                                                                                b.size, b.angle_deg)
+        np.testing.assert_array_equal(a.centre, b.centre)
+        np.testing.assert_array_equal(a.corners, b.corners)
+        g = cv2.resize(img, (512, 512), interpolation=cv2.INTER_AREA)
+        g8 = to_8bit(g, *robust_window(g))
+        took_probe += len(coarse_corners(g8, base)[0]) < len(coarse_corners(g8, off)[0])
+    g = cv2.resize(noisy, (512, 512), interpolation=cv2.INTER_AREA)
+    assert len(fast_corners(to_8bit(g, *robust_window(g)), 10, 10**6)[0]) > base.n_coarse  # truncated without the probe
+    assert 0 < took_probe < len(frames)  # both paths were exercised
