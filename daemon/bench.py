@@ -251,6 +251,36 @@ def _load_process(conn, ingest: str, out: str, pool, frames: int, rate: float) -
         conn.close()
 
 
+def core_scaling(model, seconds: float = 1.5) -> float:
+    """How much the machine's second core adds right now: model calls per second (1 x 256 px
+    crop, ONNX Runtime on 1 intra-op thread, which releases the GIL) from two threads at
+    once over one thread alone.  2.0 = two full cores; a shared or busy host gives less.
+    The pipelined/serial ratio cannot exceed what the machine's cores give, so the bench
+    reports this beside it."""
+    import threading
+
+    w, h = model.codec.input_size
+    x = np.zeros((1, 1, h, w), np.float32)
+
+    def rate(k: int) -> float:
+        counts = [0] * k
+        stop = time.perf_counter() + seconds
+
+        def spin(j: int) -> None:
+            while time.perf_counter() < stop:
+                model(x)
+                counts[j] += 1
+
+        threads = [threading.Thread(target=spin, args=(j,)) for j in range(k)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(counts) / seconds
+
+    return rate(2) / max(rate(1), 1e-9)
+
+
 def _run_load(ingest: str, out: str, pool, frames: int, rate: float) -> dict:
     """Run ``_load_process`` against a daemon in this process; adds ``daemon_cpu_s``, this
     process's CPU time from the feed's start to the last verdict."""
@@ -283,8 +313,9 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     ZeroMQ, all variants in one run:
 
     - serial baselines: one thread receives a frame, runs ``judge_frame`` (the same stages)
-      and publishes its verdict, frame after frame; with ONNX Runtime on 1 intra-op thread
-      (truly serial) and on 2 (the model alone spreads over the cores);
+      and publishes its verdict, frame after frame, with OpenCV on 1 thread; with ONNX
+      Runtime on 1 intra-op thread (truly serial) and on 2 (the model alone spreads over
+      the cores);
     - the App (pipelined) with the configured settings, with roi_corners in processes, and
       with its journal and NG archive on.
     Unpaced runs use back-pressure (no overload verdicts) and give the throughput: frames /
@@ -297,10 +328,12 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
 
     The machine's speed drifts within minutes, so the truly serial baseline and the
     unpaced App run ``rounds`` times, alternating; their rows are the median-throughput
-    run of each, and the ratio is of the medians (every run's throughput is listed)."""
+    run of each, and the ratio is of the medians (every run's throughput is listed).
+    Before each round, ``core_scaling`` measures what the second core adds at that moment."""
     import tempfile
     import threading
 
+    import cv2
     import zmq
 
     from .app import App
@@ -309,6 +342,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     from .model import KeypointModel
     from .protocol import open_socket
 
+    cv_threads = cv2.getNumThreads()
     base = load_config(None)
     m = base.model
     models = {t: KeypointModel(m.resolved_path(), m.sha256, m.providers, t, m.fp16, m.io_binding) for t in (1, 2)}
@@ -333,6 +367,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
         cfg = cfg_for(**app_kw)
         try:
             if serial_threads:
+                cv2.setNumThreads(1)  # truly serial: no OpenCV worker threads either (restored below)
                 pull = open_socket(ctx, zmq.PULL, "bind:tcp://127.0.0.1:*", hwm=cfg.ingest.hwm)
                 pub = open_socket(ctx, zmq.PUB, "bind:tcp://127.0.0.1:*")
                 ingest, out = (sk.getsockopt(zmq.LAST_ENDPOINT).decode() for sk in (pull, pub))
@@ -358,11 +393,13 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
                 app.stop(30.0)
             if thread is not None:
                 thread.join(30.0)
+            cv2.setNumThreads(cv_threads)
             ctx.term()
             tmp.cleanup()
 
-    serial, piped = [], []
+    serial, piped, scaling = [], [], []
     for _ in range(max(1, rounds)):
+        scaling.append(round(core_scaling(models[1]), 2))
         serial.append(run(0.0, serial_threads=1))
         piped.append(run(0.0))
 
@@ -384,6 +421,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
             "pipelined_runs_fps": [r["frames_per_s"] for r in piped],
             "pipelined_over_serial_1t_per_round": [round(a["frames_per_s"] / b["frames_per_s"], 2)
                                                    for a, b in zip(piped, serial)],
+            "core_scaling_per_round": scaling,
             "size": list(size), "bits": bits, "preset": preset, "provider": models[1].provider,
             "ort_threads": m.threads, "model_workers": base.pipeline.model_workers,
             "roi_workers": base.pipeline.roi_workers, "max_batch": m.max_batch,
