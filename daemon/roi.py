@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 REASONS = ("blank", "saturated", "no_band", "ambiguous_direction")
+STRONG_RANK = 8  # the strong corners' cut-off is relative to the 8th-best coarse response
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
@@ -157,15 +158,15 @@ def coarse_corners(g8: np.ndarray, p: "RoiParams") -> tuple[np.ndarray, np.ndarr
     FAST with non-max suppression at threshold t finds exactly the corners it finds at a
     lower threshold whose response is >= t, in the same order with the same responses
     (tested).  ``detect_roi`` keeps only corners with a response >= ``strong_frac`` x the
-    8th-best; when that cut-off is at or above the probe's threshold and the probe found no
-    more than ``n_coarse`` corners, the probe's corners pass the cut-off exactly as the
-    full set's would.  A noisy frame then skips building hundreds of weak KeyPoint objects
+    ``STRONG_RANK``-th best; when that cut-off is at or above the probe's threshold and the
+    probe found no more than ``n_coarse`` corners, the probe's corners pass the cut-off
+    exactly as the full set's would.  A noisy frame then skips building hundreds of weak KeyPoint objects
     (~0.3 us each in Python); a low-contrast frame, whose cut-off lies below the probe's
     threshold, pays for a second FAST pass."""
     t1 = max(p.fast_threshold, p.fast_probe_threshold)
     if t1 > p.fast_threshold:
         pts, resp = fast_corners(g8, t1, p.n_coarse + 1, ordered=True)
-        if 8 <= len(resp) <= p.n_coarse and p.strong_frac * _kth_largest(resp, 8) >= t1:
+        if STRONG_RANK <= len(resp) <= p.n_coarse and p.strong_frac * _kth_largest(resp, STRONG_RANK) >= t1:
             return pts, resp
     return fast_corners(g8, p.fast_threshold, p.n_coarse, ordered=True)
 
@@ -205,6 +206,7 @@ def square_patches(img: np.ndarray, pts: np.ndarray, radius: int) -> np.ndarray:
     sy, sx = src.strides
     # win[y, x]: the patch centred on (x + r, y + r); a read-only view, no copy
     win = np.ndarray((src.shape[0] - s + 1, src.shape[1] - s + 1, s, s), src.dtype, src, 0, (sy, sx, sy, sx))
+    win.flags.writeable = False
     return win[c[:, 1] - radius, c[:, 0] - radius]
 
 
@@ -390,7 +392,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     # Tip corners are high-contrast (a dark needle end against the bright background);
     # the body's layer texture and detector noise give many weak ones that would chain the
     # whole frame into one cluster.  Keep the strong ones, relative to a robust top response.
-    ref = _kth_largest(resp, 8) if len(resp) >= 8 else float(resp.max())
+    ref = _kth_largest(resp, STRONG_RANK) if len(resp) >= STRONG_RANK else float(resp.max())
     strong = resp >= p.strong_frac * ref
     pts, resp = pts[strong], resp[strong]
     if len(pts) < p.min_corners:
@@ -594,7 +596,8 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= join) + 1))  # of each group
     starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
     csum = np.concatenate(([0.0], np.cumsum(e)))
-    k = int(np.argmax(csum[np.minimum(np.maximum(ends, lo_a), hi_a)] - csum[np.minimum(np.maximum(starts, lo_a), hi_a)]))
+    lo_e, hi_e = np.minimum(np.maximum(starts, lo_a), hi_a), np.minimum(np.maximum(ends, lo_a), hi_a)
+    k = int(np.argmax(csum[hi_e] - csum[lo_e]))  # the group with the most energy inside the anchor
     return max(float(starts[k]), lo_a - cap), min(float(ends[k]) + 1.0, hi_a + cap)
 
 
