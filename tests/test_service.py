@@ -157,3 +157,4 @@ def test_run_under_systemd_protocol(notify_socket, tmp_path):
         sub.close(0)
         ctx.term()
     assert "drained" in out, out[-2000:]
+    assert "start-up objects frozen out of collection" in out, out[-2000:]
