@@ -93,6 +93,23 @@ def _points(a: np.ndarray) -> list:
     return np.round(np.asarray(a, np.float64).reshape(-1, 2), 3).tolist()
 
 
+def judged_fields(res: FrameResult) -> dict:
+    """What a judged frame's verdict message carries beyond its header fields, verdict and
+    reasons: the verdict's figures (counts, overhangs), the refined points ``(N, 2)`` and
+    scores, the ROI and the size of Q.  The App and the bench's serial baseline both use it."""
+    extra = res.verdict.to_dict()
+    extra.pop("verdict"), extra.pop("reasons")
+    r = res.roi
+    extra.update(
+        anodes=_points(res.anodes), anode_scores=np.round(res.anode_scores, 3).tolist(),
+        cathodes=_points(res.cathodes), cathode_scores=np.round(res.cathode_scores, 3).tolist(),
+        roi={"direction": r.direction, "angle_deg": round(r.angle_deg, 3),
+             "centre": np.round(r.centre, 2).tolist(), "size": [round(r.size[0], 2), round(r.size[1], 2)]}
+        if r.ok else None,
+        n_corners=int(len(r.corners)))
+    return extra
+
+
 class App:
     """One daemon instance built from a ``daemon.config.Config``.  ``start()`` opens the
     sockets and starts the stage threads; ``stop(drain_s)`` drains and closes."""
@@ -489,18 +506,7 @@ class App:
             if st in res.times:
                 self.metrics.stage_seconds.labels(stage=st).observe(res.times[st])
         job.result = res
-        v = res.verdict
-        extra = v.to_dict()
-        extra.pop("verdict"), extra.pop("reasons")
-        r = job.roi
-        extra.update(
-            anodes=_points(res.anodes), anode_scores=np.round(res.anode_scores, 3).tolist(),
-            cathodes=_points(res.cathodes), cathode_scores=np.round(res.cathode_scores, 3).tolist(),
-            roi={"direction": r.direction, "angle_deg": round(r.angle_deg, 3),
-                 "centre": np.round(r.centre, 2).tolist(), "size": [round(r.size[0], 2), round(r.size[1], 2)]}
-            if r.ok else None,
-            n_corners=int(len(r.corners)))
-        job.verdict = self._verdict(job, v.verdict, v.reasons, extra)
+        job.verdict = self._verdict(job, res.verdict.verdict, res.verdict.reasons, judged_fields(res))
 
     def _aggregator(self) -> None:
         """cell_aggregator: forwards frame verdicts and closes cells (all corners in, or NG

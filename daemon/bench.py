@@ -196,10 +196,10 @@ def _rss_mb() -> tuple[float, float]:
 
 def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
     """The serial baseline: one thread receives a frame on ``pull``, runs ``judge_frame``
-    (the same stages) and publishes its verdict on ``pub``, one frame at a time, ``n``
-    frames; then closes both sockets (handed over by the thread that opened them)."""
-    import json
-
+    (the same stages) and publishes the same verdict message as the App on ``pub``, one
+    frame at a time, ``n`` frames; then closes both sockets (handed over by the thread that
+    opened them).  It has no cell aggregation, journal or metrics."""
+    from .app import VERDICT_TOPIC, _json, judged_fields
     from .pipeline import JudgeSettings, judge_frame
     from .protocol import decode_frame
 
@@ -208,12 +208,19 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
         for _ in range(n):
             while not pull.poll(100):  # status messages until a frame comes, like the App's
                 pub.send_multipart([b"status", b"{}"])
-            f = decode_frame(pull.recv_multipart(copy=False))
             t = time.monotonic()
-            res = judge_frame(f.image, f.header.pixel_pitch_um, model, s)
-            v = {"type": "frame", "seq": f.header.seq, "ts_ns": f.header.ts_ns, "verdict": res.verdict.verdict,
-                 "reasons": res.verdict.reasons, "latency_ms": (time.monotonic() - t) * 1e3}
-            pub.send_multipart([b"verdict.frame/x", json.dumps(v).encode()])
+            received_ns = time.time_ns()
+            f = decode_frame(pull.recv_multipart(copy=False))
+            hd = f.header
+            res = judge_frame(f.image, hd.pixel_pitch_um, model, s)
+            v = {"type": "frame", "schema": 1, "received_ns": received_ns, "scanner_id": hd.scanner_id,
+                 "cell_id": hd.cell_id, "corner": hd.corner, "seq": hd.seq, "ts_ns": hd.ts_ns,
+                 "pixel_pitch_um": hd.pixel_pitch_um, "shape": list(hd.shape), "dtype": hd.dtype,
+                 "verdict": res.verdict.verdict, "reasons": res.verdict.reasons, **judged_fields(res),
+                 "recipe": cfg.recipe.name, "model_sha256": model.sha256,
+                 "latency_ms": round((time.monotonic() - t) * 1e3, 3),
+                 "times_ms": {k: round(x * 1e3, 3) for k, x in res.times.items()}}
+            pub.send_multipart([VERDICT_TOPIC + b".frame/" + str(hd.scanner_id).encode(), _json(v)])
     finally:
         pull.close(0)
         pub.close(0)
