@@ -461,3 +461,55 @@ def test_micro_batches_of_mixed_crop_sizes_match_the_serial_path(model, pool, tm
         assert v["verdict"] == ref.verdict.verdict, seq
         for key, pts in (("anodes", ref.anodes), ("cathodes", ref.cathodes)):
             np.testing.assert_allclose(np.reshape(v[key], (-1, 2)), np.reshape(pts, (-1, 2)), atol=2e-3)
+
+
+def test_the_serial_baseline_sends_the_apps_frame_message(model, pool, tmp_path):
+    """The bench's serial baseline publishes the same frame verdict message as the App
+    (the same keys, the same judged figures), so it does the same work per frame."""
+    import threading
+
+    from daemon.bench import _serial_daemon
+
+    cfg = app_config(journal={"enabled": False}, archive={"enabled": False})
+    frames = pool[0]
+    rig = Rig(cfg, model, tmp_path)
+    try:
+        for seq, f in enumerate(frames):
+            rig.send(f, seq, "s0")
+        rig.wait(len(frames), cells=1, timeout=60)
+    finally:
+        rig.close()
+    app_msgs = {v["seq"]: v for v in rig.sub.frames}
+
+    ctx = zmq.Context()
+    pull = open_socket(ctx, zmq.PULL, "bind:inproc://serial-in")
+    pub = open_socket(ctx, zmq.PUB, "bind:inproc://serial-out")
+    push = open_socket(ctx, zmq.PUSH, "connect:inproc://serial-in")
+    sub = open_socket(ctx, zmq.SUB, "connect:inproc://serial-out")
+    sub.setsockopt(zmq.SUBSCRIBE, b"verdict.frame")
+    try:
+        worker = threading.Thread(target=_serial_daemon, args=(cfg, model, pull, pub, len(frames)))
+        worker.start()
+        time.sleep(0.2)  # the subscription reaches the PUB socket
+        for seq, f in enumerate(frames):
+            h = make_header(f.image, scanner_id="scan-A", cell_id="s0", corner=f.corner, seq=seq,
+                            pixel_pitch_um=f.pixel_pitch_um)
+            push.send_multipart(encode_frame(h, f.image), copy=False)
+        serial_msgs = {}
+        while len(serial_msgs) < len(frames) and sub.poll(30_000):
+            topic, payload = sub.recv_multipart()
+            v = json.loads(payload)
+            serial_msgs[v["seq"]] = v
+            assert topic == b"verdict.frame/scan-A"
+        worker.join(30)
+    finally:
+        for s in (push, sub):
+            s.close(0)
+        ctx.term()
+    assert sorted(serial_msgs) == sorted(app_msgs) == list(range(len(frames)))
+    for seq, a in app_msgs.items():
+        s = serial_msgs[seq]
+        assert set(s) == set(a) - {"_recv_ns"}, set(s) ^ set(a)  # _recv_ns: the test Subscriber's
+        for k in ("verdict", "reasons", "n_corners", "roi", "recipe", "model_sha256", "cell_id", "corner"):
+            assert s[k] == a[k], (seq, k)
+        assert set(s["times_ms"]) >= {"roi_corners", "keypoint_model", "refine", "verdict_rules"}
