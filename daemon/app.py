@@ -93,6 +93,12 @@ def _points(a: np.ndarray) -> list:
     return np.round(np.asarray(a, np.float64).reshape(-1, 2), 3).tolist()
 
 
+def header_fields(hd) -> dict:
+    """A decoded frame header's fields that its verdict message repeats (``FrameHeader``)."""
+    return dict(scanner_id=hd.scanner_id, cell_id=hd.cell_id, corner=hd.corner, seq=hd.seq, ts_ns=hd.ts_ns,
+                pixel_pitch_um=hd.pixel_pitch_um, shape=list(hd.shape), dtype=hd.dtype)
+
+
 def judged_fields(res: FrameResult) -> dict:
     """What a judged frame's verdict message carries beyond its header fields, verdict and
     reasons: the verdict's figures (counts, overhangs), the refined points ``(N, 2)`` and
@@ -358,8 +364,7 @@ class App:
                 self._decided(job, "bad_frame", kind=e.kind, detail=str(e)[:300])
                 continue
             hd = frame.header
-            job.meta.update(scanner_id=hd.scanner_id, cell_id=hd.cell_id, corner=hd.corner, seq=hd.seq,
-                            ts_ns=hd.ts_ns, pixel_pitch_um=hd.pixel_pitch_um, shape=list(hd.shape), dtype=hd.dtype)
+            job.meta.update(header_fields(hd))
             job.image, job.frame = frame.image, frame
             self._sequence(hd.scanner_id, hd.seq)
             job.times["frame_receiver"] = time.perf_counter() - t

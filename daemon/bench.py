@@ -199,7 +199,7 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
     (the same stages) and publishes the same verdict message as the App on ``pub``, one
     frame at a time, ``n`` frames; then closes both sockets (handed over by the thread that
     opened them).  It has no cell aggregation, journal or metrics."""
-    from .app import VERDICT_TOPIC, _json, judged_fields
+    from .app import VERDICT_TOPIC, _json, header_fields, judged_fields
     from .pipeline import JudgeSettings, judge_frame
     from .protocol import decode_frame
 
@@ -213,9 +213,7 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
             f = decode_frame(pull.recv_multipart(copy=False))
             hd = f.header
             res = judge_frame(f.image, hd.pixel_pitch_um, model, s)
-            v = {"type": "frame", "schema": 1, "received_ns": received_ns, "scanner_id": hd.scanner_id,
-                 "cell_id": hd.cell_id, "corner": hd.corner, "seq": hd.seq, "ts_ns": hd.ts_ns,
-                 "pixel_pitch_um": hd.pixel_pitch_um, "shape": list(hd.shape), "dtype": hd.dtype,
+            v = {"type": "frame", "schema": 1, "received_ns": received_ns, **header_fields(hd),
                  "verdict": res.verdict.verdict, "reasons": res.verdict.reasons, **judged_fields(res),
                  "recipe": cfg.recipe.name, "model_sha256": model.sha256,
                  "latency_ms": round((time.monotonic() - t) * 1e3, 3),
