@@ -99,6 +99,21 @@ def header_fields(hd) -> dict:
                 pixel_pitch_um=hd.pixel_pitch_um, shape=list(hd.shape), dtype=hd.dtype)
 
 
+def frame_message(meta: dict, verdict: str, reasons: list[dict], extra: dict | None, recipe: str,
+                  model_sha256: str) -> dict:
+    """A frame verdict message (before its timings, ``timing_fields``): the header fields
+    ``meta``, the verdict and reasons, ``extra`` (``judged_fields`` for a judged frame),
+    the recipe and the model's hash."""
+    return {"type": "frame", "schema": 1, **meta, "verdict": verdict, "reasons": reasons, **(extra or {}),
+            "recipe": recipe, "model_sha256": model_sha256}
+
+
+def timing_fields(latency_s: float, times: dict) -> dict:
+    """A frame message's timings: receive-to-verdict ``latency_ms`` and per-stage ``times_ms``
+    (``times``: stage -> seconds)."""
+    return {"latency_ms": round(latency_s * 1000.0, 3), "times_ms": {k: round(x * 1000.0, 3) for k, x in times.items()}}
+
+
 def judged_fields(res: FrameResult) -> dict:
     """What a judged frame's verdict message carries beyond its header fields, verdict and
     reasons: the verdict's figures (counts, overhangs), the refined points ``(N, 2)`` and
@@ -330,8 +345,7 @@ class App:
         return False
 
     def _verdict(self, job: Job, verdict: str, reasons: list[dict], extra: dict | None = None) -> dict:
-        return {"type": "frame", "schema": 1, **job.meta, "verdict": verdict, "reasons": reasons, **(extra or {}),
-                "recipe": self.cfg.recipe.name, "model_sha256": self.model.sha256}
+        return frame_message(job.meta, verdict, reasons, extra, self.cfg.recipe.name, self.model.sha256)
 
     # ------------------------------------------------------------------ stages
     def _receiver(self) -> None:
@@ -578,8 +592,7 @@ class App:
             t = time.perf_counter()
             if isinstance(item, Job):
                 v = item.verdict
-                v["latency_ms"] = round((time.monotonic() - item.received) * 1000.0, 3)
-                v["times_ms"] = {k: round(x * 1000.0, 3) for k, x in item.times.items()}
+                v.update(timing_fields(time.monotonic() - item.received, item.times))
             else:
                 v = item
             payload = _json(v)

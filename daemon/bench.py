@@ -199,7 +199,7 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
     (the same stages) and publishes the same verdict message as the App on ``pub``, one
     frame at a time, ``n`` frames; then closes both sockets (handed over by the thread that
     opened them).  It has no cell aggregation, journal or metrics."""
-    from .app import VERDICT_TOPIC, _json, header_fields, judged_fields
+    from .app import VERDICT_TOPIC, _json, frame_message, header_fields, judged_fields, timing_fields
     from .pipeline import JudgeSettings, judge_frame
     from .protocol import decode_frame
 
@@ -213,11 +213,9 @@ def _serial_daemon(cfg, model, pull, pub, n: int) -> None:
             f = decode_frame(pull.recv_multipart(copy=False))
             hd = f.header
             res = judge_frame(f.image, hd.pixel_pitch_um, model, s)
-            v = {"type": "frame", "schema": 1, "received_ns": received_ns, **header_fields(hd),
-                 "verdict": res.verdict.verdict, "reasons": res.verdict.reasons, **judged_fields(res),
-                 "recipe": cfg.recipe.name, "model_sha256": model.sha256,
-                 "latency_ms": round((time.monotonic() - t) * 1e3, 3),
-                 "times_ms": {k: round(x * 1e3, 3) for k, x in res.times.items()}}
+            v = frame_message({"received_ns": received_ns, **header_fields(hd)}, res.verdict.verdict,
+                              res.verdict.reasons, judged_fields(res), cfg.recipe.name, model.sha256)
+            v.update(timing_fields(time.monotonic() - t, res.times))
             pub.send_multipart([VERDICT_TOPIC + b".frame/" + str(hd.scanner_id).encode(), _json(v)])
     finally:
         pull.close(0)
