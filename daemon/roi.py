@@ -110,6 +110,20 @@ def _rot(deg: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- windowing
+def area_downscale(img: np.ndarray, f: int) -> np.ndarray:
+    """``img`` ``(H, W)`` uint8/uint16 -> ``(H // f, W // f)`` with OpenCV's INTER_AREA
+    (for sides divisible by ``f``: the mean of each ``f x f`` block).  A 2x step of even
+    sides uses OpenCV's bit-exact bilinear instead: sampling halfway between pixels, it
+    gives the same numbers (tested) and is ~1.3x faster on an image in cache (99 vs 135 us
+    for 1024x1024 uint16); one read from memory costs both the same (~290 us)."""
+    h, w = img.shape
+    if f == 1:
+        return img
+    if f == 2 and h % 2 == 0 and w % 2 == 0:
+        return cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_LINEAR_EXACT)
+    return cv2.resize(img, (w // f, h // f), interpolation=cv2.INTER_AREA)
+
+
 def robust_window(img: np.ndarray, percentiles=(0.5, 99.5), stride: int = 4) -> tuple[float, float]:
     """Percentile window ``(lo, hi)`` of ``img`` ``(H, W)`` from every ``stride``-th pixel."""
     sub = img[::stride, ::stride].ravel()
@@ -376,7 +390,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         raise ValueError(f"frame must be (H, W) uint8/uint16, got {img.shape} {img.dtype}")
     H, W = img.shape
     f = 1 if full_resolution else max(1, int(math.ceil(max(H, W) / p.coarse_side)))
-    coarse = img if f == 1 else cv2.resize(img, (W // f, H // f), interpolation=cv2.INTER_AREA)
+    coarse = area_downscale(img, f)
     lo, hi = robust_window(coarse, p.percentiles)
     top = float(np.iinfo(img.dtype).max)
     if hi - lo < p.min_contrast * max(hi, 1.0):
@@ -428,7 +442,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
 
     # profiles in the de-rotated window (tips to +u), at a scale where the band is ~100 px
     fp = 2 if min(g.shape) >= 384 else 1
-    prof = cv2.resize(g, (g.shape[1] // fp, g.shape[0] // fp), interpolation=cv2.INTER_AREA) if fp > 1 else g
+    prof = area_downscale(g, fp)
     c_p = (centre + 0.5) / fp - 0.5
     side = max(prof.shape)
     lu, lv = int(0.35 * side), int(0.65 * side)

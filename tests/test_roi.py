@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from daemon import phantom as P
-from daemon.roi import (REASONS, RoiParams, _densest_span, _u_extent, detect_roi, detect_rois, fast_corners,
-                        ofast_orientation, ofast_orientation_serial, robust_window, to_8bit)
+from daemon.roi import (REASONS, RoiParams, _densest_span, _u_extent, area_downscale, detect_roi, detect_rois,
+                        fast_corners, ofast_orientation, ofast_orientation_serial, robust_window, to_8bit)
 
 SIZE = (768, 768)
 
@@ -157,6 +157,26 @@ def test_window_is_robust_to_outliers():
     assert 1000 <= lo < 1020 and 1980 < hi <= 2000
     g = to_8bit(img, lo, hi)
     assert g.dtype == np.uint8 and g.max() == 255 and g.min() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_area_downscale_is_inter_area(dtype):
+    """The fast 2x step gives OpenCV's INTER_AREA numbers exactly (on even sides: the 2x2
+    block mean rounded half up), on random data with extremes; other factors and odd sides
+    are INTER_AREA itself."""
+    import cv2
+
+    rng = np.random.default_rng(77)
+    top = np.iinfo(dtype).max
+    for (h, w), f in (((512, 768), 2), ((130, 90), 2), ((131, 91), 2), ((96, 120), 3), ((64, 64), 4)):
+        img = rng.integers(0, top + 1, (h, w)).astype(dtype)
+        img[: h // 4] = rng.integers(0, 2, (h // 4, w)) * top  # blocks of 0 and top: the rounding edge
+        got = area_downscale(img, f)
+        assert got.dtype == dtype and got.shape == (h // f, w // f)
+        np.testing.assert_array_equal(got, cv2.resize(img, (w // f, h // f), interpolation=cv2.INTER_AREA))
+        if f == 2 and h % 2 == 0 and w % 2 == 0:
+            blocks = img.reshape(h // 2, 2, w // 2, 2).astype(np.int64).sum(axis=(1, 3))
+            np.testing.assert_array_equal(got, (blocks + 2) // 4)
 
 
 def test_batch_api():
