@@ -273,3 +273,15 @@ def test_the_coarse_probe_does_not_change_the_result():
     g = cv2.resize(noisy, (512, 512), interpolation=cv2.INTER_AREA)
     assert len(fast_corners(to_8bit(g, *robust_window(g)), 10, 10**6)[0]) > base.n_coarse  # truncated without the probe
     assert 0 < took_probe < len(frames)  # both paths were exercised
+
+
+def test_bench_roi_splits_its_tail():
+    """`polecheck bench --stage roi` on a few small frames: both rows, and the tail split into
+    the slowest frame's median and the machine's jitter on the same work."""
+    from daemon.bench import bench_roi
+
+    r = bench_roi(n=3, size=(384, 384), repeat=5)
+    rows = r["rows"]
+    assert rows["roi_corners (coarse + full-res Q)"]["n"] == 15 and rows["reference: full-resolution detection"]["n"] == 3
+    assert 0 < r["fastest_frame_median_ms"] <= r["slowest_frame_median_ms"]
+    assert r["same_frame_p99_over_median"] >= 1.0  # each frame's calls straddle its median
