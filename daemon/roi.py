@@ -46,6 +46,9 @@ STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends
 GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the tip corners'
 # chain wider than four layer pitches, within these bounds, separates the stack from a
 # fixture or wall
+LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at least this
+# share of the band's: the layers go on, so does the band; less is a film, a holder or
+# bare background past the tips, whose far edge is one more rising step
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
@@ -518,7 +521,10 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     starts at the body's level (that is the cathode step), later ones until one reaches the
     background's level (the anode step); a dark object in between (a strong falling
     transition that sinks more than halfway back to the body: a wall, a tray end) stops
-    the search.  Returns ``(start, end)`` in window columns.
+    the search, and so does a stretch without layers before the next step (its layer-edge
+    energy, |d/dv| per column, under ``LAYER_ENERGY`` x the band's): a film or holder past
+    the anode tips, whose far edge is one more rising step.  Returns ``(start, end)`` in
+    window columns.
     """
     if v1 - v0 < 3:
         return None
@@ -553,9 +559,19 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     lo_i = hi_i = i
     while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
         lo_i -= 1
-    while prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1 \
-            and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]):
-        hi_i += 1
+    if prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1:
+        # layer-edge energy per column: the band's layers give it, a film or bare background
+        # past the tips does not
+        rows = win[v0:v1]
+        e = _smooth(cv2.reduce(cv2.absdiff(rows[1:], rows[:-1]), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
+        band_e = float(e[pos[lo_i, 0]:pos[i, 1]].max())
+
+        def layers_on(a: int, b: int) -> bool:
+            return b <= a or float(np.median(e[a:b])) >= LAYER_ENERGY * band_e
+
+        while prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1 \
+                and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
+            hi_i += 1
     return float(pos[lo_i, 0]), float(_lone_layers_end(win[v0:v1], int(pos[hi_i, 1]), body, background))
 
 

@@ -204,6 +204,28 @@ def test_u_extent_crosses_a_halo_but_stops_at_a_wall():
     assert hi <= 93, (lo, hi)
 
 
+def _layered_window(film_end: int, film: float = 150.0) -> np.ndarray:
+    """A de-rotated window ``(60, 220)``: rows of a stack (3-row layers: anode, gap,
+    cathode, gap), the gaps ending at column 80, the cathodes at 88, the anodes at 125;
+    past a row's end a grey film up to ``film_end``, then background."""
+    win = np.full((60, 220), 226, np.uint8)
+    win[:, :film_end] = film
+    kind = (np.arange(60) // 3) % 4  # 0 anode, 2 cathode, 1 and 3 gaps
+    ends = np.where(kind == 0, 125, np.where(kind == 2, 88, 80))
+    cols = np.arange(220)[None, :]
+    body = np.where(kind[:, None] % 2 == 0, 20, 55) * np.ones((1, 220))
+    return np.where(cols < ends[:, None], body, win).astype(np.uint8)
+
+
+def test_u_extent_follows_the_layers_not_a_film_past_the_tips():
+    """From the cathode step the band goes on to the anode step (the anodes' layers are
+    between), but not across a film past the anode tips to the film's far edge (no layers
+    there), which is one more rising step."""
+    for film_end in (170, 126):  # a film 45 px past the tips, none
+        lo, hi = _u_extent(_layered_window(film_end), 0, 60, anchor=86)
+        assert 70 <= lo <= 82 and 122 <= hi <= 132, (film_end, lo, hi)
+
+
 def test_densest_span_leaves_out_a_fixture_beside_the_stack():
     rng = np.random.default_rng(5)
     stack = np.sort(rng.uniform(100, 180, 30))  # tip corners a few px apart
