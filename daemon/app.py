@@ -156,6 +156,7 @@ class App:
             self.queues[name] = queue.Queue(max(1024, 8 * p.queue_size))
         for name, q in self.queues.items():
             self.metrics.queue_capacity.labels(queue=name).set(q.maxsize)
+            self.metrics.queue_depth.labels(queue=name).set_function(q.qsize)  # read at each scrape
         self._stop = threading.Event()  # stage threads exit
         self._receiving = threading.Event()
         self._abort = threading.Event()  # drain ran out of time: remaining frames NG shutdown
@@ -581,8 +582,6 @@ class App:
             item = self._get("verdict_publisher")
             if self.journal:
                 self.journal.tick()
-            for name, q in self.queues.items():
-                self.metrics.queue_depth.labels(queue=name).set(q.qsize())
             if time.monotonic() >= next_status:
                 self.pub.send_multipart([b"status", _json({"type": "status", **self.counts, "in_flight": self.in_flight,
                                                            "ts_ns": time.time_ns()})])

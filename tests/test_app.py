@@ -238,6 +238,22 @@ class SlowModel:
         return self._m(x)
 
 
+def test_queue_depth_is_read_at_the_scrape(model, tmp_path):
+    """``polecheck_queue_depth`` is each queue's size when Prometheus scrapes, not when a
+    stage last looked."""
+    from prometheus_client import generate_latest
+
+    app = App(app_config(journal={"enabled": False}, archive={"enabled": False}), model=model, state_dir=tmp_path)
+    for k in range(3):
+        app.queues["refine"].put(k)
+    s = _samples(generate_latest(app.metrics.registry).decode())
+    assert s[("polecheck_queue_depth", (("queue", "refine"),))] == 3
+    assert s[("polecheck_queue_depth", (("queue", "roi_corners"),))] == 0
+    app.queues["refine"].get()
+    s = _samples(generate_latest(app.metrics.registry).decode())
+    assert s[("polecheck_queue_depth", (("queue", "refine"),))] == 2
+
+
 def test_deadline_overload_is_ng_never_dropped(model, pool, tmp_path):
     # one crop per call, 80 ms each: 40 frames need 3.2 s, far past a 150 ms deadline
     cfg = app_config(pipeline={"deadline_ms": 150.0, "queue_size": 64, "admit_timeout_ms": 1000.0,
