@@ -559,7 +559,11 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
     lo_i = hi_i = i
     while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
         lo_i -= 1
-    if prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1:
+
+    def short_of_background(k: int) -> bool:  # step k ends below the background, another follows
+        return prof[min(pos[k, 1], last)] < background - tol and k < len(pos) - 1
+
+    if short_of_background(hi_i):
         # layer-edge energy per column: the band's layers give it, a film or bare background
         # past the tips does not
         rows = win[v0:v1]
@@ -569,8 +573,8 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
         def layers_on(a: int, b: int) -> bool:
             return b <= a or float(np.median(e[a:b])) >= LAYER_ENERGY * band_e
 
-        while prof[min(pos[hi_i, 1], last)] < background - tol and hi_i < len(pos) - 1 \
-                and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
+        while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
+                and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
             hi_i += 1
     return float(pos[lo_i, 0]), float(_lone_layers_end(win[v0:v1], int(pos[hi_i, 1]), body, background))
 
