@@ -43,9 +43,6 @@ STRONG_RANK = 8  # the strong corners' cut-off is relative to the 8th-best coars
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
-STEP_STEEP = 3.0  # grey levels per profile px, a run's mean rise: an earlier run joins the
-# band behind the tips only this steep (layer ends: >= 5.3 in 99 % of development frames;
-# a vignetted field of view's slow rise towards the stack: 1.4-1.5)
 GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the tip corners'
 # chain wider than four layer pitches, within these bounds, separates the stack from a
 # fixture or wall
@@ -559,13 +556,8 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
             return False
         return float(prof[a:b + 1].min()) < body + 0.5 * (float(prof[a]) - body)
 
-    def steep(k: int) -> bool:  # run k rises like layer ends, not like a vignetted field of view
-        a, b = pos[k]
-        return prof[b - 1] - prof[a] >= STEP_STEEP * (b - a)
-
     lo_i = hi_i = i
-    while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]) \
-            and steep(lo_i - 1):
+    while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
         lo_i -= 1
 
     def short_of_background(k: int) -> bool:  # step k ends below the background, another follows

@@ -204,17 +204,6 @@ def test_u_extent_crosses_a_halo_but_stops_at_a_wall():
     assert hi <= 93, (lo, hi)
 
 
-def test_u_extent_does_not_take_a_vignetted_field_of_view_for_the_body():
-    """A field of view that darkens slowly towards its edge behind the stack rises like a
-    step, but gently (1.5 grey levels per px on average, layer ends >= 5): the band starts
-    at the cathode step, not at the far end of the vignetting."""
-    x = np.arange(45.0)
-    prof = np.r_[2 + 68 * (x / 45) ** 2, np.full(30, 70.0), np.linspace(70, 130, 10), np.full(20, 130.0),
-                 np.linspace(130, 226, 12), np.full(40, 226.0)]
-    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=111)
-    assert 70 <= lo <= 78 and 113 <= hi <= 122, (lo, hi)
-
-
 def _layered_window(film_end: int, film: float = 150.0) -> np.ndarray:
     """A de-rotated window ``(60, 220)``: rows of a stack (3-row layers: anode, gap,
     cathode, gap), the gaps ending at column 80, the cathodes at 88, the anodes at 125;
