@@ -250,15 +250,18 @@ def test_a_single_long_layer_extends_the_band():
     assert _lone_layers_end(wall, 40, body=30.0, background=220.0) == 40
 
 
+def _coarse8(img: np.ndarray) -> np.ndarray:
+    """detect_roi's coarse 8-bit image of a 1024 px frame ``(H, W)``: halved, windowed."""
+    g = area_downscale(img, 2)
+    return to_8bit(g, *robust_window(g))
+
+
 def test_fast_at_a_higher_threshold_is_the_stronger_subset():
     """What the coarse FAST probe relies on: with non-max suppression, threshold t finds
     exactly the corners that a lower threshold finds with response >= t, in the same order."""
-    import cv2
-
     for k, preset in enumerate(("normal", "hard", "defects")):
         ph = P.make_phantom(np.random.SeedSequence([4545, k]), preset, (1024, 1024), 16)
-        g = cv2.resize(ph.image, (512, 512), interpolation=cv2.INTER_AREA)
-        g8 = to_8bit(g, *robust_window(g))
+        g8 = _coarse8(ph.image)
         pts, resp = fast_corners(g8, 10, 10**6)
         assert len(pts) > 50
         for t in (12, 20, 31):
@@ -289,11 +292,9 @@ def test_the_coarse_probe_does_not_change_the_result():
                                                                                 b.size, b.angle_deg)
         np.testing.assert_array_equal(a.centre, b.centre)
         np.testing.assert_array_equal(a.corners, b.corners)
-        g = cv2.resize(img, (512, 512), interpolation=cv2.INTER_AREA)
-        g8 = to_8bit(g, *robust_window(g))
+        g8 = _coarse8(img)
         took_probe += len(coarse_corners(g8, base)[0]) < len(coarse_corners(g8, off)[0])
-    g = cv2.resize(noisy, (512, 512), interpolation=cv2.INTER_AREA)
-    assert len(fast_corners(to_8bit(g, *robust_window(g)), 10, 10**6)[0]) > base.n_coarse  # truncated without the probe
+    assert len(fast_corners(_coarse8(noisy), 10, 10**6)[0]) > base.n_coarse  # truncated without the probe
     assert 0 < took_probe < len(frames)  # both paths were exercised
 
 
