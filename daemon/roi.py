@@ -395,7 +395,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     f = 1 if full_resolution else max(1, int(math.ceil(max(H, W) / p.coarse_side)))
     coarse = area_downscale(img, f)
     lo, hi = robust_window(coarse, p.percentiles)
-    top = float(np.iinfo(img.dtype).max)
+    top = 255.0 if img.dtype == np.uint8 else 65535.0
     if hi - lo < p.min_contrast * max(hi, 1.0):
         clipped = float((coarse[::4, ::4] >= top).mean())
         if clipped > p.max_clipped:
@@ -571,7 +571,7 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
         band_e = float(e[pos[lo_i, 0]:pos[i, 1]].max())
 
         def layers_on(a: int, b: int) -> bool:
-            return b <= a or float(np.median(e[a:b])) >= LAYER_ENERGY * band_e
+            return b <= a or _quantile(e[a:b], 0.5) >= LAYER_ENERGY * band_e  # the median
 
         while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
                 and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
