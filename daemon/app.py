@@ -146,7 +146,9 @@ class App:
         # TensorRT builds its engine at the first load; the cache keeps restarts fast
         self.model = model or KeypointModel(m.resolved_path(), m.sha256, m.providers, m.threads, m.fp16,
                                             m.io_binding, cache_dir=self.state_dir / "trt-engines",
-                                            max_size=m.max_crop_px or MAX_CROP, max_batch=m.max_batch)
+                                            max_size=m.max_crop_px or MAX_CROP, max_batch=m.max_batch,
+                                            cudnn_conv_algo_search=m.cudnn_conv_algo_search,
+                                            fixed_shape=m.fixed_shape)
         self.metrics.set_model(self.model)
         self.limits = FrameLimits(cfg.ingest.max_frame_bytes, cfg.ingest.max_side, cfg.ingest.max_header_bytes)
         self.queues = {name: queue.Queue(p.queue_size) for name in QUEUES[:3]}
@@ -176,8 +178,9 @@ class App:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "App":
         cfg = self.cfg
-        log.info("polecheck %s: model %s (sha256 %s) on %s", __version__, self.model.path, self.model.sha256[:12],
-                 self.model.provider)
+        log.info("polecheck %s: model %s (sha256 %s) on %s%s", __version__, self.model.path, self.model.sha256[:12],
+                 self.model.provider, ", one input shape (fixed tiles, padded batches)"
+                 if getattr(self.model, "fixed_shape", False) else "")
         if cfg.model.warmup_runs:
             dt = self.model.warm_up(cfg.model.max_batch, cfg.model.warmup_runs)
             log.info("model warm-up: %d x batch %d in %.2f s", cfg.model.warmup_runs, cfg.model.max_batch, dt)

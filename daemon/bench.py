@@ -134,10 +134,12 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
 
 @stage("model")
 def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, threads: int = 2,
-                model_path: str | None = None, **_) -> dict:
+                model_path: str | None = None, providers: str = "cpu", **_) -> dict:
     """Stage 2: the shipped ONNX model under ONNX Runtime on CPU with ``threads`` intra-op
-    threads, on real phantom crops: per fixed 256 px tile at batch 1 and batch 8, per
-    frame's crops fitted to its ROI (the default ``CropPlan``), and the whole
+    threads (``providers="cpu"``), or as the config runs it: providers, IO binding, FP16,
+    fixed shape (``providers="config"``: the GPU path on a machine with one; the result says
+    which provider ran), on real phantom crops: per fixed 256 px tile at batch 1 and batch
+    8, per frame's crops fitted to its ROI (the default ``CropPlan``), and the whole
     ``detect_tips`` per frame (crops, sampling, normalisation, inference, decoding) with
     fitted crops and with fixed tiles, in one run."""
     import cv2
@@ -151,8 +153,15 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
     cv2.setNumThreads(1)
     cfg = load_config(None).model
     path = model_path or str(cfg.resolved_path())
-    m = KeypointModel(path, None if model_path else cfg.sha256, providers=("CPUExecutionProvider",),
-                      threads=threads)
+    if providers == "config":
+        m = KeypointModel(path, None if model_path else cfg.sha256, providers=tuple(cfg.providers), threads=threads,
+                          fp16=cfg.fp16, io_binding=cfg.io_binding, max_batch=cfg.max_batch,
+                          cudnn_conv_algo_search=cfg.cudnn_conv_algo_search, fixed_shape=cfg.fixed_shape)
+    elif providers == "cpu":
+        m = KeypointModel(path, None if model_path else cfg.sha256, providers=("CPUExecutionProvider",),
+                          threads=threads)
+    else:
+        raise ValueError(f"providers must be 'cpu' or 'config', got {providers!r}")
     frames = [make_phantom(np.random.SeedSequence([27182, i]), "normal", size, bits).image for i in range(n)]
     rois = [detect_roi(f) for f in frames]
     pairs = [(f, r) for f, r in zip(frames, rois) if r.ok]
@@ -177,12 +186,14 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
     per_frame_tiles = timings(lambda k: tips(k, fixed), len(pairs), warmup=1)
     area = lambda crops: float(np.mean([x.shape[0] * x.shape[2] * x.shape[3] for _, x in crops]))  # noqa: E731
     w, h = m.codec.input_size
+    crops = "fitted crop(s)" if plan.max_size else "default crops (fixed_shape: tiles)"
     return {"rows": {f"per {w}x{h} tile, batch 1": summary(b1), f"per {w}x{h} tile, batch 8": summary(b8),
-                     "per frame, model on its fitted crop(s)": summary(fit),
+                     f"per frame, model on its {crops}": summary(fit),
                      "per frame, model on its fixed tiles": summary(til),
-                     "per frame, detect_tips, fitted crop(s)": summary(per_frame),
+                     f"per frame, detect_tips, {crops}": summary(per_frame),
                      "per frame, detect_tips, fixed tiles": summary(per_frame_tiles)},
-            "threads": threads, "provider": m.provider, "dynamic_size": m.dynamic_size,
+            "threads": threads, "provider": m.provider, "io_binding": m.io_binding, "fp16": m.fp16,
+            "fixed_shape": m.fixed_shape, "dynamic_size": m.dynamic_size,
             "tiles_per_frame": round(float(np.mean([len(t) for t, _ in tiled])), 2),
             "fitted_crops_per_frame": round(float(np.mean([len(t) for t, _ in fitted])), 2),
             "fitted_over_tiled_pixels": round(area(fitted) / area(tiled), 3),
@@ -358,7 +369,10 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     cv_threads = cv2.getNumThreads()
     base = load_config(None)
     m = base.model
-    models = {t: KeypointModel(m.resolved_path(), m.sha256, m.providers, t, m.fp16, m.io_binding) for t in (1, 2)}
+    models = {t: KeypointModel(m.resolved_path(), m.sha256, m.providers, t, m.fp16, m.io_binding,
+                               max_batch=m.max_batch, cudnn_conv_algo_search=m.cudnn_conv_algo_search,
+                               fixed_shape=m.fixed_shape)
+              for t in (1, 2)}
     for mod in models.values():
         mod.warm_up(m.max_batch, 2)
     pool = render_pool(pool_cells, preset, size, bits, 31415)
@@ -436,6 +450,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
                                                    for a, b in zip(piped, serial)],
             "core_scaling_per_round": scaling,
             "size": list(size), "bits": bits, "preset": preset, "provider": models[1].provider,
+            "fixed_shape": models[1].fixed_shape,
             "ort_threads": m.threads, "model_workers": base.pipeline.model_workers,
             "roi_workers": base.pipeline.roi_workers, "max_batch": m.max_batch,
             "batch_wait_ms": base.pipeline.batch_wait_ms}

@@ -136,7 +136,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     names = list(STAGES) if a.stage == "all" else [a.stage]
     results = {}
     for name in names:
-        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits, frames=a.frames)
+        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits, frames=a.frames, providers=a.providers)
         results[name] = res
         print(to_markdown(name, res))
     if a.json:
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=20, help="frames per variant")
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)
+    s.add_argument("--providers", choices=["cpu", "config"], default="cpu",
+                   help="model stage: ONNX Runtime on CPU (default), or the config's providers, "
+                        "IO binding and FP16 (the GPU path where there is one)")
     s.add_argument("--json", default=None, help="also write the results here")
     s.set_defaults(fn=cmd_bench)
 

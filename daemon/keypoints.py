@@ -47,9 +47,10 @@ class CropPlan:
         return cls(m.tile_overlap_px, m.max_crop_px, m.crop_context_px)
 
     def for_model(self, model) -> "CropPlan":
-        """This plan as ``model`` can run it: fixed tiles for a model with a fixed input size,
-        steps of at least the model's ``size_multiple`` otherwise."""
-        if self.max_size is None or not getattr(model, "dynamic_size", False):
+        """This plan as ``model`` can run it: fixed tiles for a model with a fixed input size
+        or one that runs one input shape (``fixed_shape``), steps of at least the model's
+        ``size_multiple`` otherwise."""
+        if self.max_size is None or not getattr(model, "dynamic_size", False) or getattr(model, "fixed_shape", False):
             return replace(self, max_size=None)
         m = int(model.size_multiple)
         top = getattr(model, "max_size", self.max_size)

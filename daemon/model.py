@@ -30,13 +30,20 @@ class KeypointModel:
     """ONNX Runtime session for tip heatmaps.  ``__call__(x (B, 1, h, w) float32) ->
     (B, K, h/stride, w/stride) float32``.  ``(w, h)`` is ``codec.input_size`` for a model
     with a fixed input size; a model exported with dynamic ``h, w`` (``dynamic_size``)
-    takes any multiple of ``size_multiple`` (its metadata) up to ``max_size (w, h)``."""
+    takes any multiple of ``size_multiple`` (its metadata) up to ``max_size (w, h)``.
+
+    ``fixed_shape`` (``"auto"``: on for the CUDA provider): every session call gets one
+    input shape, ``(max_batch, 1, h, w)`` with ``(w, h) = codec.input_size``: inputs must be
+    tiles of that size, and a batch is padded with zero crops (their heatmaps dropped) or
+    split.  ONNX Runtime's CUDA provider re-plans every convolution whenever the input shape
+    changes: 50-500 ms a call with crops fitted to each ROI, against 1.6-2.1 ms for a
+    repeated batch of 8 tiles (H200, docs/benchmarks.md)."""
 
     def __init__(self, path: str | Path, sha256: str | None = None,
                  providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
                  threads: int = 0, fp16: bool = True, io_binding: bool = False,
                  cache_dir: str | Path | None = None, max_size: tuple[int, int] = MAX_CROP,
-                 max_batch: int = 8):
+                 max_batch: int = 8, cudnn_conv_algo_search: str = "EXHAUSTIVE", fixed_shape: str | bool = "auto"):
         import onnxruntime as ort
 
         path = Path(path)
@@ -67,8 +74,8 @@ class KeypointModel:
             if not any(isinstance(d, int) for d in probe[2:]):
                 profile = _trt_profile(max_size, max_batch)
         try:
-            self.session = ort.InferenceSession(data, so, providers=[_provider_entry(p, fp16, cache_dir, profile)
-                                                                      for p in chosen])
+            self.session = ort.InferenceSession(data, so, providers=[
+                _provider_entry(p, fp16, cache_dir, profile, cudnn_conv_algo_search) for p in chosen])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelError(f"model {path}: {e}") from e
         self.wanted = tuple(providers)
@@ -98,9 +105,20 @@ class KeypointModel:
         # TensorRT); on CPU it is plain session.run.
         self._device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.io_binding = bool(io_binding and self._device == "cuda")
+        if fixed_shape not in ("auto", True, False):
+            raise ValueError(f"fixed_shape must be 'auto', true or false, got {fixed_shape!r}")
+        self.fixed_shape = self.provider == "CUDAExecutionProvider" if fixed_shape == "auto" else bool(fixed_shape)
+        self.max_batch = int(max_batch)
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
+        if self.fixed_shape:
+            w, h = self.codec.input_size
+            if x.ndim != 4 or x.shape[1:] != (1, h, w):
+                raise ValueError(f"model input must be (B, 1, {h}, {w}) tiles with fixed_shape, got {x.shape}")
+            return self._fixed_batches(x)
         if self.dynamic_size:
             m, (mw, mh) = self.size_multiple, self.max_size
             if (x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % m or x.shape[3] % m or not 0 < x.shape[2] <= mh
@@ -111,6 +129,22 @@ class KeypointModel:
             w, h = self.codec.input_size
             if x.ndim != 4 or x.shape[1:] != (1, h, w):
                 raise ValueError(f"model input must be (B, 1, {h}, {w}), got {x.shape}")
+        return self._run(x)
+
+    def _fixed_batches(self, x: np.ndarray) -> np.ndarray:
+        """``x (N, 1, h, w)`` in session calls of exactly ``(max_batch, 1, h, w)``: the last
+        (or only) batch is padded with zero crops, whose heatmaps are dropped."""
+        B, n = self.max_batch, len(x)
+        out = []
+        for i in range(0, max(n, 1), B):
+            part = x[i:i + B]
+            if len(part) < B:
+                part = np.concatenate([part, np.zeros((B - len(part),) + x.shape[1:], np.float32)])
+            out.append(self._run(part)[:max(0, min(B, n - i))])
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One session call on ``x (B, 1, h, w)`` float32, C-contiguous."""
         if not self.io_binding:
             return self.session.run(None, {self._input: x})[0]
         b = self.session.io_binding()  # per call: a binding is not thread-safe
@@ -121,7 +155,8 @@ class KeypointModel:
 
     def warm_up(self, batch: int, runs: int = 2) -> float:
         """Run ``runs`` zero batches of ``batch`` crops (graph optimisation, memory arenas,
-        TensorRT engine build happen here, not on the first frame); returns the seconds taken."""
+        TensorRT engine build and, with ``fixed_shape``, cuDNN's algorithm search for the one
+        input shape happen here, not on the first frame); returns the seconds taken."""
         import time
 
         w, h = self.codec.input_size
@@ -147,9 +182,11 @@ def _trt_profile(max_size: tuple[int, int], max_batch: int) -> dict:
             "trt_profile_max_shapes": f"x:{int(max_batch)}x1x{h}x{w}"}
 
 
-def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None, profile: dict | None = None):
+def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None, profile: dict | None = None,
+                    cudnn_conv_algo_search: str = "EXHAUSTIVE"):
     """``(provider, options)`` for ``InferenceSession``: TensorRT gets FP16, an engine cache
-    and the dynamic-shape ``profile`` (``_trt_profile``)."""
+    and the dynamic-shape ``profile`` (``_trt_profile``); CUDA gets how cuDNN picks each
+    convolution's algorithm for a new input shape (``model.cudnn_conv_algo_search``)."""
     if name == "TensorrtExecutionProvider":
         opts = {"trt_fp16_enable": bool(fp16)}
         if cache_dir is not None:
@@ -157,6 +194,8 @@ def _provider_entry(name: str, fp16: bool, cache_dir: str | Path | None, profile
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir))
         opts.update(profile or {})
         return name, opts
+    if name == "CUDAExecutionProvider":
+        return name, {"cudnn_conv_algo_search": cudnn_conv_algo_search}
     return name, {}
 
 

@@ -25,3 +25,26 @@ def pull_push(ctx):
     yield pull, push, limits
     push.close(0)
     pull.close(0)
+
+
+class _SessionShapes:
+    """Stands in for an ONNX Runtime session: records the input shape of every call."""
+
+    def __init__(self, session):
+        self.session, self.shapes = session, []
+
+    def run(self, outputs, feeds):
+        self.shapes.append(next(iter(feeds.values())).shape)
+        return self.session.run(outputs, feeds)
+
+
+@pytest.fixture
+def record_session_shapes():
+    """``record(model) -> list``: from then on, the input shape of every session call
+    ``model`` (a ``KeypointModel`` without IO binding) makes."""
+
+    def record(model) -> list:
+        model.session = rec = _SessionShapes(model.session)
+        return rec.shapes
+
+    return record

@@ -458,12 +458,22 @@ def test_micro_batches_of_mixed_crop_sizes_match_the_serial_path(model, pool, tm
     """Crops are fitted to each ROI, so one micro-batch holds several sizes: it runs one
     model call per size, and every frame gets exactly the tips ``judge_frame`` (one frame
     at a time) finds, so a frame's result never depends on its batch-mates."""
-    from daemon.pipeline import JudgeSettings, judge_frame
-
     cfg = app_config(pipeline={**NO_OVERLOAD, "model_workers": 1, "batch_wait_ms": 200.0},
                      journal={"enabled": False}, archive={"enabled": False})
     rec = RecordingModel(model)
-    rig = Rig(cfg, rec, tmp_path)
+    _judge_pool_like_the_serial_path(cfg, rec, model, pool, tmp_path)
+    sizes = {s[2:] for s in rec.shapes}
+    assert len(sizes) >= 2, sizes  # the ROIs differ, so do their crops
+    assert any(s[0] > 1 for s in rec.shapes), rec.shapes  # and some calls did batch
+
+
+def _judge_pool_like_the_serial_path(cfg, app_model, model, pool, tmp_path) -> None:
+    """Feed every frame of ``pool`` to an App on ``app_model``; assert that each frame went
+    through the model (none NG before it, e.g. overload) and got the verdict and tips
+    ``judge_frame`` gives with ``model``, one frame at a time."""
+    from daemon.pipeline import JudgeSettings, judge_frame
+
+    rig = Rig(cfg, app_model, tmp_path)
     frames = [f for cell in pool for f in cell]
     try:
         for seq, f in enumerate(frames):
@@ -471,20 +481,31 @@ def test_micro_batches_of_mixed_crop_sizes_match_the_serial_path(model, pool, tm
         rig.wait(len(frames), cells=len(pool), timeout=60)
     finally:
         rig.close()
-    settings = JudgeSettings.from_config(cfg)
-    sizes = {s[2:] for s in rec.shapes}
-    assert len(sizes) >= 2, sizes  # the ROIs differ, so do their crops
-    assert any(s[0] > 1 for s in rec.shapes), rec.shapes  # and some calls did batch
     got = {v["seq"]: v for v in rig.sub.frames}
     assert sorted(got) == list(range(len(frames)))
     unjudged = {s: v["reasons"] for s, v in got.items() if "anodes" not in v}
     assert not unjudged, unjudged  # every frame went through the model (none NG overload)
+    settings = JudgeSettings.from_config(cfg)
     for seq, f in enumerate(frames):
         ref = judge_frame(f.image, f.pixel_pitch_um, model, settings)
         v = got[seq]
         assert v["verdict"] == ref.verdict.verdict, seq
         for key, pts in (("anodes", ref.anodes), ("cathodes", ref.cathodes)):
             np.testing.assert_allclose(np.reshape(v[key], (-1, 2)), np.reshape(pts, (-1, 2)), atol=2e-3)
+
+
+def test_fixed_shape_model_gets_one_input_shape_in_the_app(pool, tmp_path, record_session_shapes):
+    """With ``model.fixed_shape`` (on by default for CUDA) the App's micro-batches reach the
+    session as one shape only, ``(max_batch, 1, 256, 256)``, and each frame's tips are the
+    ones ``judge_frame`` finds with the same model, one frame at a time."""
+    cfg = app_config(pipeline={**NO_OVERLOAD, "batch_wait_ms": 50.0}, journal={"enabled": False},
+                     archive={"enabled": False})
+    m = cfg.model
+    fixed = KeypointModel(m.resolved_path(), m.sha256, ("CPUExecutionProvider",), threads=1,
+                          max_batch=m.max_batch, fixed_shape=True)
+    shapes = record_session_shapes(fixed)
+    _judge_pool_like_the_serial_path(cfg, fixed, fixed, pool, tmp_path)
+    assert shapes and set(shapes) == {(m.max_batch, 1, 256, 256)}, set(shapes)
 
 
 def test_the_serial_baseline_sends_the_apps_frame_message(model, pool, tmp_path):

@@ -41,6 +41,8 @@ def test_default_file_equals_the_model_defaults():
     ("log:\n  level: chatty\n", "log.level"),
     ("roi:\n  n_corners: 2048\n", "roi.n_corners"),
     ("roi:\n  n_corners: 32\n", "roi.n_corners"),
+    ("model:\n  fixed_shape: sometimes\n", "model.fixed_shape"),
+    ("model:\n  cudnn_conv_algo_search: FAST\n", "model.cudnn_conv_algo_search"),
 ])
 def test_errors_name_the_key(tmp_path, text, path):
     with pytest.raises(ConfigError) as ei:

@@ -67,6 +67,46 @@ def test_metadata_codec_and_batch_invariance(model):
         model(np.zeros((1, 1, 2048, 256), np.float32))  # taller than max_size
 
 
+def test_provider_options_from_config():
+    """The options each ONNX Runtime provider gets (none of the GPU ones runs here): CUDA
+    its cuDNN algorithm search, TensorRT FP16, its engine cache and the dynamic-shape
+    profile up to max_crop_px and max_batch."""
+    from daemon.model import _provider_entry, _trt_profile
+
+    assert _provider_entry("CUDAExecutionProvider", True, None, None, CFG.cudnn_conv_algo_search) == (
+        "CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"})
+    assert _provider_entry("CPUExecutionProvider", True, None) == ("CPUExecutionProvider", {})
+    name, opts = _provider_entry("TensorrtExecutionProvider", True, None, _trt_profile(MAX_CROP, CFG.max_batch))
+    assert name == "TensorrtExecutionProvider" and opts["trt_fp16_enable"] is True
+    assert opts["trt_profile_max_shapes"] == f"x:{CFG.max_batch}x1x{MAX_CROP[1]}x{MAX_CROP[0]}"
+
+
+def test_fixed_shape_runs_one_input_shape(model, record_session_shapes):
+    """With ``fixed_shape`` (on for CUDA, where every new input shape re-plans the
+    convolutions) every session call is ``(max_batch, 1, 256, 256)``: short batches are
+    padded with zero crops and long ones split, and each crop's heatmap is the one it
+    gets alone; the crop plan falls back to fixed tiles.  On CPU ``auto`` leaves it off."""
+    assert model.fixed_shape is False and PLAN.for_model(model).max_size is not None
+    fixed = KeypointModel(CFG.resolved_path(), CFG.sha256, providers=("CPUExecutionProvider",), threads=2,
+                          max_batch=4, fixed_shape=True)
+    assert fixed.fixed_shape and PLAN.for_model(fixed).max_size is None
+    ph = make_phantom(np.random.SeedSequence([606, 2]), "normal")
+    _, x = crops_for_roi(ph.image, detect_roi(ph.image), fixed.codec, PLAN.for_model(fixed))
+    x = np.concatenate([x, x[::-1]])[:6]  # 6 tiles: one full batch of 4 and a padded one
+    assert x.shape[1:] == (1, 256, 256) and len(x) == 6
+    shapes = record_session_shapes(fixed)
+    out = fixed(x)
+    one = fixed(x[2:3])
+    assert shapes == [(4, 1, 256, 256)] * 3
+    assert out.shape == (6, 2, 128, 128) and one.shape == (1, 2, 128, 128)
+    np.testing.assert_allclose(out, model(x), atol=1e-4)
+    np.testing.assert_allclose(one[0], out[2], atol=1e-4)
+    with pytest.raises(ValueError, match="fixed_shape"):
+        fixed(np.zeros((1, 1, 256, 512), np.float32))  # a fitted crop: another shape
+    with pytest.raises(ValueError, match="fixed_shape"):
+        KeypointModel(CFG.resolved_path(), CFG.sha256, providers=("CPUExecutionProvider",), fixed_shape="maybe")
+
+
 def test_dynamic_size_model_runs_a_fitted_crop_like_its_tiles(model):
     """The shipped model takes any multiple of 16 up to max_size: a crop fitted to the ROI
     gives the heatmaps the fixed tiles give where they see the same pixels (the network is
