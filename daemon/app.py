@@ -40,7 +40,6 @@ import numpy as np
 import zmq
 
 from . import __version__
-from .codec import MAX_CROP
 from .keypoints import crops_for_roi, run_model, tips_from_heatmaps
 from .metrics import Metrics
 from .model import KeypointModel
@@ -144,11 +143,7 @@ class App:
         self.state_dir = Path(state_dir or cfg.service.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
                               or "var")
         # TensorRT builds its engine at the first load; the cache keeps restarts fast
-        self.model = model or KeypointModel(m.resolved_path(), m.sha256, m.providers, m.threads, m.fp16,
-                                            m.io_binding, cache_dir=self.state_dir / "trt-engines",
-                                            max_size=m.max_crop_px or MAX_CROP, max_batch=m.max_batch,
-                                            cudnn_conv_algo_search=m.cudnn_conv_algo_search,
-                                            fixed_shape=m.fixed_shape)
+        self.model = model or KeypointModel.from_config(m, cache_dir=self.state_dir / "trt-engines")
         self.metrics.set_model(self.model)
         self.limits = FrameLimits(cfg.ingest.max_frame_bytes, cfg.ingest.max_side, cfg.ingest.max_header_bytes)
         self.queues = {name: queue.Queue(p.queue_size) for name in QUEUES[:3]}

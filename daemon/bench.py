@@ -154,9 +154,8 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
     cfg = load_config(None).model
     path = model_path or str(cfg.resolved_path())
     if providers == "config":
-        m = KeypointModel(path, None if model_path else cfg.sha256, providers=tuple(cfg.providers), threads=threads,
-                          fp16=cfg.fp16, io_binding=cfg.io_binding, max_batch=cfg.max_batch,
-                          cudnn_conv_algo_search=cfg.cudnn_conv_algo_search, fixed_shape=cfg.fixed_shape)
+        m = KeypointModel.from_config(cfg.model_copy(update={"path": path, "sha256": None if model_path else cfg.sha256}),
+                                      threads=threads)
     elif providers == "cpu":
         m = KeypointModel(path, None if model_path else cfg.sha256, providers=("CPUExecutionProvider",),
                           threads=threads)
@@ -369,10 +368,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     cv_threads = cv2.getNumThreads()
     base = load_config(None)
     m = base.model
-    models = {t: KeypointModel(m.resolved_path(), m.sha256, m.providers, t, m.fp16, m.io_binding,
-                               max_batch=m.max_batch, cudnn_conv_algo_search=m.cudnn_conv_algo_search,
-                               fixed_shape=m.fixed_shape)
-              for t in (1, 2)}
+    models = {t: KeypointModel.from_config(m, threads=t) for t in (1, 2)}
     for mod in models.values():
         mod.warm_up(m.max_batch, 2)
     pool = render_pool(pool_cells, preset, size, bits, 31415)

@@ -112,6 +112,15 @@ class KeypointModel:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
 
+    @classmethod
+    def from_config(cls, m, threads: int | None = None, cache_dir: str | Path | None = None) -> "KeypointModel":
+        """The model as the ``model`` config section ``m`` (``daemon.config.ModelConfig``)
+        runs it; ``threads`` overrides ``m.threads``; ``cache_dir`` keeps TensorRT engines."""
+        return cls(m.resolved_path(), m.sha256, tuple(m.providers), m.threads if threads is None else threads,
+                   m.fp16, m.io_binding, cache_dir=cache_dir, max_size=m.max_crop_px or MAX_CROP,
+                   max_batch=m.max_batch, cudnn_conv_algo_search=m.cudnn_conv_algo_search,
+                   fixed_shape=m.fixed_shape)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
         if self.fixed_shape:
