@@ -46,6 +46,10 @@ class KeypointModel:
                  max_batch: int = 8, cudnn_conv_algo_search: str = "EXHAUSTIVE", fixed_shape: str | bool = "auto"):
         import onnxruntime as ort
 
+        if fixed_shape not in ("auto", True, False):
+            raise ValueError(f"fixed_shape must be 'auto', true or false, got {fixed_shape!r}")
+        if int(max_batch) < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"model file {path} not found")
@@ -105,12 +109,8 @@ class KeypointModel:
         # TensorRT); on CPU it is plain session.run.
         self._device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.io_binding = bool(io_binding and self._device == "cuda")
-        if fixed_shape not in ("auto", True, False):
-            raise ValueError(f"fixed_shape must be 'auto', true or false, got {fixed_shape!r}")
         self.fixed_shape = self.provider == "CUDAExecutionProvider" if fixed_shape == "auto" else bool(fixed_shape)
         self.max_batch = int(max_batch)
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
 
     @classmethod
     def from_config(cls, m, threads: int | None = None, cache_dir: str | Path | None = None) -> "KeypointModel":
