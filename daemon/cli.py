@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)
     s.add_argument("--providers", choices=["cpu", "config"], default="cpu",
-                   help="model stage: ONNX Runtime on CPU (default), or the config's providers, "
-                        "IO binding and FP16 (the GPU path where there is one)")
+                   help="model stage: ONNX Runtime on CPU (default), or as the config runs it: providers, "
+                        "IO binding, FP16, fixed shape (the GPU path where there is one)")
     s.add_argument("--json", default=None, help="also write the results here")
     s.set_defaults(fn=cmd_bench)
 

@@ -123,22 +123,18 @@ class KeypointModel:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
-        if self.fixed_shape:
-            w, h = self.codec.input_size
-            if x.ndim != 4 or x.shape[1:] != (1, h, w):
-                raise ValueError(f"model input must be (B, 1, {h}, {w}) tiles with fixed_shape, got {x.shape}")
-            return self._fixed_batches(x)
-        if self.dynamic_size:
+        if self.dynamic_size and not self.fixed_shape:
             m, (mw, mh) = self.size_multiple, self.max_size
             if (x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % m or x.shape[3] % m or not 0 < x.shape[2] <= mh
                     or not 0 < x.shape[3] <= mw):
                 raise ValueError(f"model input must be (B, 1, h, w), h and w multiples of {m} up to "
                                  f"({mh}, {mw}), got {x.shape}")
-        else:
+        else:  # a fixed input size, or one input shape (fixed_shape): tiles of codec.input_size
             w, h = self.codec.input_size
             if x.ndim != 4 or x.shape[1:] != (1, h, w):
-                raise ValueError(f"model input must be (B, 1, {h}, {w}), got {x.shape}")
-        return self._run(x)
+                raise ValueError(f"model input must be (B, 1, {h}, {w}){' tiles with fixed_shape' * self.fixed_shape}"
+                                 f", got {x.shape}")
+        return self._fixed_batches(x) if self.fixed_shape else self._run(x)
 
     def _fixed_batches(self, x: np.ndarray) -> np.ndarray:
         """``x (N, 1, h, w)`` in session calls of exactly ``(max_batch, 1, h, w)``: the last
