@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import zmq
 
@@ -86,6 +87,12 @@ def _roi_task(image: np.ndarray, roi_params, codec, plan):
     if roi.ok:
         tiles, crops = crops_for_roi(image, roi, codec, plan)
     return roi, tiles, crops, t_roi, time.perf_counter() - t - t_roi
+
+
+def _set_opencv_threads(n: int) -> None:
+    """A roi_corners process's initializer: ``pipeline.opencv_threads`` (0 = OpenCV's default)."""
+    if n:
+        cv2.setNumThreads(n)
 
 
 def _points(a: np.ndarray) -> list:
@@ -169,6 +176,7 @@ class App:
         self.metrics_port: int | None = None
         self.endpoints: dict[str, str] = {}
         self.started = 0.0
+        self._opencv_threads_before: int | None = None  # restored at stop
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "App":
@@ -199,8 +207,13 @@ class App:
 
             self.archive = Archive(self.state_dir / "ng-archive", cfg.archive.budget_mb, cfg.archive.queue_size,
                                    self.metrics)
+        n_cv = cfg.pipeline.opencv_threads
+        if n_cv:  # process-wide: every stage's OpenCV calls (and the roi_corners processes')
+            self._opencv_threads_before = cv2.getNumThreads()
+            cv2.setNumThreads(n_cv)
         if cfg.pipeline.executor == "process":
-            self.pool = ProcessPoolExecutor(cfg.pipeline.roi_workers)
+            self.pool = ProcessPoolExecutor(cfg.pipeline.roi_workers, initializer=_set_opencv_threads,
+                                            initargs=(n_cv,))
         self.ctx = zmq.Context()
         self.pub = open_socket(self.ctx, zmq.PUB, cfg.output.endpoint, hwm=cfg.output.hwm)
         self.endpoints["output"] = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -274,6 +287,9 @@ class App:
             t.join(5.0)
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+        if self._opencv_threads_before is not None:
+            cv2.setNumThreads(self._opencv_threads_before)
+            self._opencv_threads_before = None
         for s in (self.ingest, self.pub):
             if s is not None:
                 s.close(0)

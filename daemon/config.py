@@ -216,6 +216,11 @@ class PipelineConfig(Strict):
                                description="keypoint_model threads sharing the session (with model.threads 1: "
                                            "parallel single-threaded inferences)")
     refine_workers: int = Field(1, ge=1, le=64, description="parallel refine + verdict_rules workers")
+    opencv_threads: int = Field(
+        1, ge=0, le=256,
+        description="OpenCV's worker threads in the daemon (and in roi_corners processes); 0 = OpenCV's default, "
+                    "one per core. The App already runs stages and frames side by side; OpenCV's own pool on top "
+                    "spins on every small call (docs/benchmarks.md)")
     queue_size: int = Field(8, ge=1, le=4096, description="frames each bounded queue between stages holds")
     batch_wait_ms: float = Field(4.0, ge=0, le=1000,
                                  description="T: the model waits this long for more crops (B = model.max_batch)")

@@ -254,6 +254,41 @@ def test_queue_depth_is_read_at_the_scrape(model, tmp_path):
     assert s[("polecheck_queue_depth", (("queue", "refine"),))] == 2
 
 
+def test_opencv_threads_hold_while_the_app_runs(model, tmp_path):
+    """``pipeline.opencv_threads`` (1 by default) holds while the App runs, in its
+    roi_corners processes too, and OpenCV's previous setting comes back at stop; 0 leaves
+    OpenCV's setting alone."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    off = {"enabled": False}
+    cv2.setNumThreads(3)
+    try:
+        app = App(app_config(pipeline={"executor": "process"}, journal=off, archive=off), model=model,
+                  state_dir=tmp_path).start()
+        try:
+            assert cv2.getNumThreads() == 1
+            assert app.pool.submit(cv2.getNumThreads).result(60) == 1
+        finally:
+            app.stop(5.0)
+        assert cv2.getNumThreads() == 3
+        app = App(app_config(pipeline={"opencv_threads": 2}, journal=off, archive=off), model=model,
+                  state_dir=tmp_path).start()
+        try:
+            assert cv2.getNumThreads() == 2
+        finally:
+            app.stop(5.0)
+        app = App(app_config(pipeline={"opencv_threads": 0}, journal=off, archive=off), model=model,
+                  state_dir=tmp_path).start()
+        try:
+            assert cv2.getNumThreads() == 3
+        finally:
+            app.stop(5.0)
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_deadline_overload_is_ng_never_dropped(model, pool, tmp_path):
     # one crop per call, 80 ms each: 40 frames need 3.2 s, far past a 150 ms deadline
     cfg = app_config(pipeline={"deadline_ms": 150.0, "queue_size": 64, "admit_timeout_ms": 1000.0,

@@ -43,6 +43,7 @@ def test_default_file_equals_the_model_defaults():
     ("roi:\n  n_corners: 32\n", "roi.n_corners"),
     ("model:\n  fixed_shape: sometimes\n", "model.fixed_shape"),
     ("model:\n  cudnn_conv_algo_search: FAST\n", "model.cudnn_conv_algo_search"),
+    ("pipeline:\n  opencv_threads: -1\n", "pipeline.opencv_threads"),
 ])
 def test_errors_name_the_key(tmp_path, text, path):
     with pytest.raises(ConfigError) as ei:
