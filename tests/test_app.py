@@ -5,6 +5,7 @@ metrics scrape.  Real model, real sockets on loopback (ports chosen by the OS), 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -51,6 +52,34 @@ def pool():
     return render_pool(4, "defects", (256, 256), 16, seed=424242, jobs=1)
 
 
+class GatedModel:
+    """The real model behind a gate: while ``gate`` is clear, model calls wait, so the
+    queues behind the receiver fill up whatever the machine's speed (a fast machine keeps
+    up with any flood the test can send)."""
+
+    def __init__(self, m):
+        self._m = m
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, x):
+        self.gate.wait(60.0)
+        return self._m(x)
+
+    def wait_for_overload(self, sub, timeout: float) -> None:
+        """Open the gate once ``sub`` has seen a new NG overload verdict (or after ``timeout`` s)."""
+        def overloaded() -> int:
+            return sum(1 for v in list(sub.frames) if v["reasons"] and v["reasons"][0]["code"] == "overload")
+
+        seen, end = overloaded(), time.monotonic() + timeout
+        while overloaded() == seen and time.monotonic() < end:
+            time.sleep(0.005)
+        self.gate.set()
+
+
 class Rig:
     """An App plus a PUSH socket into it and a subscriber on its verdicts; closes all."""
 
@@ -87,11 +116,14 @@ def long_run(model, pool, tmp_path_factory):
     1 in 89 never sent (a sequence gap), and a burst that overloads the first queue.
     Returns the verdicts, the metrics scraped before the stop, and what was sent."""
     cfg = app_config(pipeline={"queue_size": 4, "admit_timeout_ms": 20.0}, cells={"timeout_ms": 1500.0})
-    rig = Rig(cfg, model, tmp_path_factory.mktemp("state"))
+    gated = GatedModel(model)
+    rig = Rig(cfg, gated, tmp_path_factory.mktemp("state"))
     frames = [f for cell in pool for f in cell]
     sent, skipped, bad = [], [], []
     try:
         for seq in range(N_FRAMES):
+            if seq % 500 == 0:  # a flood starts: the model stalls, as on a busy machine
+                gated.gate.clear()
             f = frames[seq % len(frames)]
             cell_id = f"cell-{seq // 4:05d}"
             if seq % 89 == 45:
@@ -113,6 +145,8 @@ def long_run(model, pool, tmp_path_factory):
             # paced in bursts: mostly within capacity, every 500 frames a flood
             if seq % 500 > 60 and seq % 4 == 0:
                 time.sleep(0.05)
+            if seq % 500 == 60:  # the flood is sent: the model resumes once it has overloaded
+                gated.wait_for_overload(rig.sub, 30.0)
         # the last frame may be a skipped seq: the gap is only visible once a later frame comes
         rig.send(frames[0], N_FRAMES, "cell-tail")
         sent.append(N_FRAMES)
