@@ -124,6 +124,8 @@ def long_run(model, pool, tmp_path_factory):
         for seq in range(N_FRAMES):
             if seq % 500 == 0:  # a flood starts: the model stalls, as on a busy machine
                 gated.gate.clear()
+            elif seq % 500 == 61:  # the flood is sent: the model resumes once it has overloaded
+                gated.wait_for_overload(rig.sub, 30.0)
             f = frames[seq % len(frames)]
             cell_id = f"cell-{seq // 4:05d}"
             if seq % 89 == 45:
@@ -145,8 +147,6 @@ def long_run(model, pool, tmp_path_factory):
             # paced in bursts: mostly within capacity, every 500 frames a flood
             if seq % 500 > 60 and seq % 4 == 0:
                 time.sleep(0.05)
-            if seq % 500 == 60:  # the flood is sent: the model resumes once it has overloaded
-                gated.wait_for_overload(rig.sub, 30.0)
         # the last frame may be a skipped seq: the gap is only visible once a later frame comes
         rig.send(frames[0], N_FRAMES, "cell-tail")
         sent.append(N_FRAMES)
