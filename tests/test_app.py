@@ -423,6 +423,46 @@ def test_bench_pipeline_smoke():
     assert res["pipelined_over_serial_1t"] > 0
 
 
+class ReportsCuda:
+    """The real (CPU) model reporting the CUDA provider: the bench's GPU branch on CPU."""
+
+    provider = "CUDAExecutionProvider"
+
+    def __init__(self, m):
+        self._m = m
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, x):
+        return self._m(x)
+
+
+def test_bench_pipeline_on_a_gpu_provider(monkeypatch):
+    """On a GPU provider the bench runs one session for the serial baseline and the App
+    (ONNX Runtime's intra-op threads are a CPU setting, so no "ORT 2 threads" row), and
+    measures what the second core adds on a CPU session of its own."""
+    from daemon import bench
+    from daemon.model import KeypointModel
+
+    real = KeypointModel.from_config.__func__
+    built, scaled = [], []
+
+    def from_config(cls, m, threads=None, cache_dir=None):
+        built.append(threads)
+        return ReportsCuda(real(cls, m, threads, cache_dir))
+
+    monkeypatch.setattr(KeypointModel, "from_config", classmethod(from_config))
+    monkeypatch.setattr(bench, "core_scaling", lambda model: scaled.append(model.provider) or 2.0)
+    res = bench.bench_pipeline(size=(256, 256), bits=16, frames=8, pool_cells=1, rounds=1)
+    assert built == [1]
+    assert scaled == ["CPUExecutionProvider"]
+    assert res["provider"] == "CUDAExecutionProvider" and res["pipelined_over_serial_2t"] is None
+    assert "serial, ORT 2 threads, unpaced" not in res["rows"] and len(res["rows"]) == 5
+    for name, row in res["rows"].items():
+        assert row["frames"] == 8 and row["overload"] == 0, (name, row)
+
+
 class FlakyModel:
     """The real model, raising on every third call: a stand-in for a provider failure."""
 
