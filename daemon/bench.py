@@ -372,7 +372,9 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
     on_cpu = models[1].provider == "CPUExecutionProvider"
     if on_cpu:  # ORT's intra-op threads are a CPU setting: on a GPU one session serves all
         models[2] = KeypointModel.from_config(m, threads=2)
-    for mod in models.values():
+    # the App runs the session as configured (model.threads)
+    app_model = (models.get(m.threads) or KeypointModel.from_config(m)) if on_cpu else models[1]
+    for mod in {id(x): x for x in (*models.values(), app_model)}.values():
         mod.warm_up(m.max_batch, 2)
     # what the second core adds is a property of the machine's cores: measured on CPU
     # whatever provider the config runs
@@ -404,7 +406,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
                                           args=(cfg, models[serial_threads], pull, pub, frames))
                 thread.start()
             else:
-                app = App(cfg, model=models.get(m.threads or 2, models[1]), state_dir=tmp.name).start()
+                app = App(cfg, model=app_model, state_dir=tmp.name).start()
                 ingest, out = app.endpoints["ingest"], app.endpoints["output"]
             # the feed and the verdict subscriber run in their own process, as the scanner
             # and the PLC bridge would: they share the 2 cores, not this interpreter's GIL
