@@ -52,18 +52,29 @@ def pool():
     return render_pool(4, "defects", (256, 256), 16, seed=424242, jobs=1)
 
 
-class GatedModel:
+class ModelWrapper:
+    """The real model ``m`` behind a stand-in: attributes come from ``m``, calls go to it
+    (subclasses change ``__call__``)."""
+
+    def __init__(self, m):
+        self._m = m
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, x):
+        return self._m(x)
+
+
+class GatedModel(ModelWrapper):
     """The real model behind a gate: while ``gate`` is clear, model calls wait, so the
     queues behind the receiver fill up whatever the machine's speed (a fast machine keeps
     up with any flood the test can send)."""
 
     def __init__(self, m):
-        self._m = m
+        super().__init__(m)
         self.gate = threading.Event()
         self.gate.set()
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
 
     def __call__(self, x):
         self.gate.wait(60.0)
@@ -258,14 +269,8 @@ def test_metrics_scrape(long_run):
     assert s[("polecheck_frame_latency_seconds_count", ())] == len(frames)
 
 
-class SlowModel:
+class SlowModel(ModelWrapper):
     """The real model, 80 ms slower per call: a stand-in for an overloaded machine."""
-
-    def __init__(self, m):
-        self._m = m
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
 
     def __call__(self, x):
         time.sleep(0.08)
@@ -423,19 +428,10 @@ def test_bench_pipeline_smoke():
     assert res["pipelined_over_serial_1t"] > 0
 
 
-class ReportsCuda:
+class ReportsCuda(ModelWrapper):
     """The real (CPU) model reporting the CUDA provider: the bench's GPU branch on CPU."""
 
     provider = "CUDAExecutionProvider"
-
-    def __init__(self, m):
-        self._m = m
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
-
-    def __call__(self, x):
-        return self._m(x)
 
 
 def test_bench_pipeline_on_a_gpu_provider(monkeypatch):
@@ -463,14 +459,12 @@ def test_bench_pipeline_on_a_gpu_provider(monkeypatch):
         assert row["frames"] == 8 and row["overload"] == 0, (name, row)
 
 
-class FlakyModel:
+class FlakyModel(ModelWrapper):
     """The real model, raising on every third call: a stand-in for a provider failure."""
 
     def __init__(self, m):
-        self._m, self.calls = m, 0
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
+        super().__init__(m)
+        self.calls = 0
 
     def __call__(self, x):
         self.calls += 1
@@ -539,15 +533,12 @@ def test_pub_sub_ingest(model, pool, tmp_path):
     assert sorted(v["seq"] for v in rig.sub.frames) == list(range(8)) and len(rig.sub.cells) == 2
 
 
-class RecordingModel:
+class RecordingModel(ModelWrapper):
     """The real model; records the input shape of every call (thread-safe append)."""
 
     def __init__(self, m):
-        self._m = m
+        super().__init__(m)
         self.shapes: list[tuple] = []
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
 
     def __call__(self, x):
         self.shapes.append(tuple(x.shape))
