@@ -374,7 +374,7 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
         models[2] = KeypointModel.from_config(m, threads=2)
     # the App runs the session as configured (model.threads)
     app_model = (models.get(m.threads) or KeypointModel.from_config(m)) if on_cpu else models[1]
-    for mod in {id(x): x for x in (*models.values(), app_model)}.values():
+    for mod in {*models.values(), app_model}:  # each session once
         mod.warm_up(m.max_batch, 2)
     # what the second core adds is a property of the machine's cores: measured on CPU
     # whatever provider the config runs
