@@ -17,8 +17,10 @@ Pipeline for one frame (all pure functions; I/O-free):
    cross-checked by the mean oFAST orientation of the cluster's corners.
 5. Profiles in the de-rotated window (tips to +u): the intensity accumulated along v gives
    the body->band->background steps along u, the gradient energy accumulated along u over
-   the band gives the stack's extent along v.  The ROI bounds are the outer ends of the
-   strongest transitions of the smoothed derivatives, plus ``margin_px``.
+   the band gives the stack's extent along v, clamped to the rows that end like layers
+   (dark behind the band, bright past it: not a wall or bar beside the stack).  The ROI
+   bounds are the outer ends of the strongest transitions of the smoothed derivatives,
+   plus ``margin_px``.
 6. Full resolution inside the ROI: FAST, top ``n_corners`` (N) by response, orientation,
    ``cv2.cornerSubPix`` -> Q ``(N, 2)``.
 
@@ -50,6 +52,8 @@ LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at 
 # share of the band's: the layers go on, so does the band; less is a film, a holder or
 # bare background past the tips, whose far edge is one more rising step
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
+STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
+MIN_LAYER_STEP = 32.0  # grey levels between the body behind the band and the background past it
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -477,6 +481,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if inband.any():
         span = _densest_span(q[inband, 1], gap_v)
         ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
+    ext_v = _layer_rows_span(win, ext_u, ext_v, cv)
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -633,6 +638,46 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     lo_e, hi_e = np.minimum(np.maximum(starts, lo_a), hi_a), np.minimum(np.maximum(ends, lo_a), hi_a)
     k = int(np.argmax(csum[hi_e] - csum[lo_e]))  # the group with the most energy inside the anchor
     return max(float(starts[k]), lo_a - cap), min(float(ends[k]) + 1.0, hi_a + cap)
+
+
+def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[float, float], anchor,
+                     depth: int = 4, gap: int = 2, join: int = 4, tol: float = STACK_TOL) -> tuple[float, float]:
+    """Clamp the stack's extent ``ext_v`` (rows of the de-rotated window ``(Hw, Ww)``)
+    across the layers to the rows that end like layers, with ``tol`` rows to spare.
+
+    A row ends like a layer when it is dark just behind the band (the stack's body, the
+    ``depth`` columns before ``ext_u[0] - gap``) and bright somewhere between the band's
+    start and ``depth`` columns past its end (the background past its tip).  A wall or
+    bar along the layers beside the stack is dark on both sides and bare background is
+    bright on both, so neither stretches the ROI across the layers any more; the energy
+    search (``_v_extent``) reaches them because their edges look like layer edges.
+    Passing rows closer than ``join`` rows are grouped; the tip corners' rows (``anchor``)
+    and every group within ``join`` rows of them are kept, so a defect inside the stack
+    (a short layer pair, bright behind the band) never splits it, and the outermost layers
+    keep their rows when their tips have no corners.  The levels are the anchor rows'
+    medians; there is no clamp when they differ by less than ``MIN_LAYER_STEP`` or the
+    columns leave the window.  Returns ``(top, bottom)``, never wider than ``ext_v``."""
+    a, b = int(ext_u[0]) - gap, int(math.ceil(ext_u[1])) + depth
+    if a - depth < 0 or b > win.shape[1]:
+        return ext_v
+    v0, v1 = int(max(ext_v[0], 0)), int(min(math.ceil(ext_v[1]) + 1, win.shape[0]))
+    lo_a, hi_a = int(max(anchor[0], v0)) - v0, int(min(anchor[1] + 1, v1)) - v0
+    if v1 - v0 < 3 or hi_a - lo_a < 2:
+        return ext_v
+    behind = cv2.reduce(win[v0:v1, a - depth:a], 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()  # (R,)
+    ahead = cv2.reduce(win[v0:v1, a + 2 * gap:b], 1, cv2.REDUCE_MAX).ravel().astype(np.float32)  # (R,)
+    dark, bright = _quantile(behind[lo_a:hi_a], 0.5), _quantile(ahead[lo_a:hi_a], 0.5)
+    if bright - dark < MIN_LAYER_STEP:
+        return ext_v
+    thr = 0.5 * (dark + bright)
+    runs = _runs((behind < thr) & (ahead >= thr))  # (R, 2) of rows that end like layers
+    if not len(runs):
+        return ext_v
+    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] > join) + 1))  # of each group
+    starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
+    near = (ends >= lo_a - join) & (starts <= hi_a + join)  # the groups that touch the anchor
+    lo, hi = min(lo_a, int(starts[near].min(initial=lo_a))), max(hi_a, int(ends[near].max(initial=hi_a)))
+    return max(ext_v[0], v0 + lo - tol), min(ext_v[1], v0 + hi + tol)
 
 
 def corner_set(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:

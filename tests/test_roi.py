@@ -250,6 +250,49 @@ def test_a_single_long_layer_extends_the_band():
     assert _lone_layers_end(wall, 40, body=30.0, background=220.0) == 40
 
 
+def _stack_beside_a_wall() -> np.ndarray:
+    """A de-rotated window ``(170, 220)``: ``_layered_window``'s stack in rows 60-119 (tips
+    to +u, ending at columns 80/88/125), a wall along the layers in rows 44-55, across the
+    whole window, and above it one row of the wall's blurred edge that is dark only up to
+    column 100; background elsewhere."""
+    win = np.full((170, 220), 226, np.uint8)
+    win[60:120] = _layered_window(126)
+    win[44:56] = 35
+    win[43, :100] = 100
+    return win
+
+
+def test_layer_rows_span_leaves_out_a_wall_beside_the_stack():
+    """Across the layers the ROI keeps the rows that end like layers (dark behind the band,
+    bright past it) and the tip corners' rows; a wall along the layers, dark on both sides,
+    and the background, bright on both, are cut off, and so is a wall's edge row that is
+    cut off from the stack by the wall."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    win = _stack_beside_a_wall()
+    top, bottom = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 118.0))
+    assert top == 60 - STACK_TOL and bottom == 120 + STACK_TOL, (top, bottom)
+    # never wider than the extent it is given
+    assert _layer_rows_span(win, (78.0, 126.0), (62.0, 100.0), (63.0, 99.0)) == (62.0, 100.0)
+    # no contrast between the body and the background: unchanged
+    flat = np.full_like(win, 120)
+    assert _layer_rows_span(flat, (78.0, 126.0), (30.0, 150.0), (61.0, 118.0)) == (30.0, 150.0)
+
+
+def test_layer_rows_span_keeps_short_layers_inside_the_stack():
+    """Rows of a short layer pair that end before the band (a defect: bright behind it)
+    split the rows that end like layers; the tip corners' rows and every row group that
+    touches them stay inside, so the stack is cut neither at the defect nor where the
+    outermost tips have no corners."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    win = _stack_beside_a_wall()
+    win[84:96, 40:] = 226  # 12 rows whose layers end at column 40, far behind the band
+    # the outer tips lost their corners (the anchor is short of the stack's outer rows)
+    top, bottom = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (64.0, 110.0))
+    assert top == 60 - STACK_TOL and bottom == 120 + STACK_TOL, (top, bottom)
+
+
 def _coarse8(img: np.ndarray) -> np.ndarray:
     """detect_roi's coarse 8-bit image of a 1024 px frame ``(H, W)``: halved, windowed."""
     g = area_downscale(img, 2)
