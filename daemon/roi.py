@@ -468,7 +468,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     gap_v = _chain_gap(q[:, 1])
     cv = _densest_span(q[:, 1], gap_v)
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
-    ext_u = _u_extent(win, v0, v1, cu)
+    ext_u = _u_extent(win, v0, v1, cu, max_layer=gap_v / 4 + 1)
     if ext_u is None:
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
     ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
@@ -517,7 +517,7 @@ def _brighter_side(g: np.ndarray, centre: np.ndarray, ax: np.ndarray, half: int)
     return 0 if abs(diff) < 8 else (1 if diff > 0 else -1)
 
 
-def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] | None:
+def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = 7.0) -> tuple[float, float] | None:
     """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
 
     The intensity accumulated over the stack rises at the cathode ends (body -> band) and
@@ -581,23 +581,49 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, float] 
         while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
                 and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
             hi_i += 1
-    return float(pos[lo_i, 0]), float(_lone_layers_end(win[v0:v1], int(pos[hi_i, 1]), body, background))
+    return float(pos[lo_i, 0]), float(_lone_layers_end(win[v0:v1], int(pos[hi_i, 1]), body, background,
+                                                       max_layer=max_layer))
 
 
 def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
-                     reach: int = LONE_REACH, wall_frac: float = 0.2) -> int:
+                     reach: int = LONE_REACH, wall_frac: float = 0.2, max_layer: float = 7.0) -> int:
     """Past the band's end (column ``end`` of ``rows (R, W)``, the stack's rows of the
     window), follow single layers that stick out further than the others: a long anode
     is one dark row in a hundred, too little for the mean profile, but it is the defect
-    (or the borderline cell) the ROI must not cut off.  Columns where some rows are dark
-    (below the body/background midpoint) but fewer than ``wall_frac`` of them (more is a
-    wall or tray across the layers) extend the band, up to ``reach`` columns."""
+    (or the borderline cell) the ROI must not cut off.
+
+    Dark means below the body/background midpoint.  The search ends at the first column
+    where ``wall_frac`` of the rows are dark (a wall or tray across the layers) or after
+    ``reach`` columns.  Before that, a row that is dark from ``end`` on (it or a
+    neighbouring row: a thin layer a fraction of a degree off the window's rows hops
+    between rows) is followed to where it turns bright: a layer ends in background.  A
+    row that never turns bright is followed to the end of the search only when its dark
+    rows at ``end`` are at most ``max_layer`` rows thick (about a layer pitch): a long
+    anode that runs into the field of view's dark rim or past the reach; a bar or tray
+    along the layers that runs into a can wall is thicker than a layer and is not.
+    Returns the column where the band ends."""
     seg = rows[:, end:end + reach]
     if seg.size == 0:
         return end
-    frac = (seg < 0.5 * (body + background)).sum(axis=0) / len(seg)  # (C,) share of dark rows per column
-    stop = np.flatnonzero((frac == 0) | (frac >= wall_frac))
-    return end + (int(stop[0]) if len(stop) else seg.shape[1])
+    dark = seg < 0.5 * (body + background)  # (R, C)
+    walls = np.flatnonzero(dark.sum(axis=0) >= wall_frac * len(seg))
+    cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
+    if cw == 0:
+        return end
+    near = dark[:, :cw].copy()
+    near[1:] |= dark[:-1, :cw]
+    near[:-1] |= dark[1:, :cw]
+    run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
+    thick = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
+    sel = thick[(thick[:, 1] - thick[:, 0]) <= max_layer]  # runs are disjoint: no index repeats
+    thin = np.zeros(len(seg) + 1, np.int32)
+    thin[sel[:, 0]] += 1
+    thin[sel[:, 1]] -= 1
+    thin = np.cumsum(thin[:-1]) > 0  # (R,) rows of a dark run no thicker than a layer
+    thin[1:] |= thin[:-1].copy()  # and their neighbours (the hop above)
+    thin[:-1] |= thin[1:].copy()
+    follow = (run > 0) & ((run < cw) | thin)
+    return end + (int(run[follow].max()) if follow.any() else 0)
 
 
 def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,

@@ -250,6 +250,26 @@ def test_a_single_long_layer_extends_the_band():
     assert _lone_layers_end(wall, 40, body=30.0, background=220.0) == 40
 
 
+def test_lone_layers_follow_layers_not_bars_that_run_into_a_wall():
+    """Past the band: a bar along the layers (8 rows of 100, thicker than a layer) that
+    runs into a wall across the layers never ends in background and is not followed,
+    though it is as few rows as a long anode.  A thin long anode slightly tilted against
+    the window's rows (hopping from row to row) is followed to its end in background, and
+    a thin one that runs into the wall is followed up to the wall."""
+    from daemon.roi import _lone_layers_end
+
+    rows = np.full((100, 120), 220, np.uint8)
+    rows[:, :40] = 30  # the band's stack up to column 40
+    rows[:, 85:100] = 35  # a wall across every row, within the 48 columns' reach
+    rows[10:18, 40:85] = 38  # a bar along the layers, into the wall
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 40
+    cols = np.arange(40, 80)
+    rows[60 + (cols - 40) // 15, cols] = 40  # one row at a time: 60, then 61, then 62
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 80
+    rows[80:82, 40:85] = 40  # a 2-row layer into the wall
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 85
+
+
 def _stack_beside_a_wall() -> np.ndarray:
     """A de-rotated window ``(170, 220)``: ``_layered_window``'s stack in rows 60-119 (tips
     to +u, ending at columns 80/88/125), a wall along the layers in rows 44-55, across the
