@@ -481,7 +481,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if inband.any():
         span = _densest_span(q[inband, 1], gap_v)
         ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
-    ext_v = _layer_rows_span(win, ext_u, ext_v, cv)
+    ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=gap_v / 4 + 1)
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -667,7 +667,8 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
 
 
 def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[float, float], anchor,
-                     depth: int = 4, gap: int = 2, join: int = 4, tol: float = STACK_TOL) -> tuple[float, float]:
+                     depth: int = 4, gap: int = 2, join: int = 4, tol: float = STACK_TOL,
+                     max_layer: float = 7.0) -> tuple[float, float]:
     """Clamp the stack's extent ``ext_v`` (rows of the de-rotated window ``(Hw, Ww)``)
     across the layers to the rows that end like layers, with ``tol`` rows to spare.
 
@@ -680,7 +681,11 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
     Passing rows closer than ``join`` rows are grouped; the tip corners' rows (``anchor``)
     and every group within ``join`` rows of them are kept, so a defect inside the stack
     (a short layer pair, bright behind the band) never splits it, and the outermost layers
-    keep their rows when their tips have no corners.  The levels are the anchor rows'
+    keep their rows when their tips have no corners.  The end of a bar along the layers
+    can give tip-like corners too, so the anchor may span a bar: a run of rows never
+    bright past the band, thicker than ``max_layer`` rows (about a layer pitch), between
+    the group that overlaps the anchor most and an end of the span ends the span at the
+    layer rows next to it.  The levels are the anchor rows'
     medians; there is no clamp when they differ by less than ``MIN_LAYER_STEP`` or the
     columns leave the window.  Returns ``(top, bottom)``, never wider than ``ext_v``."""
     a, b = int(ext_u[0]) - gap, int(math.ceil(ext_u[1])) + depth
@@ -696,13 +701,25 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
     if bright - dark < MIN_LAYER_STEP:
         return ext_v
     thr = 0.5 * (dark + bright)
-    runs = _runs((behind < thr) & (ahead >= thr))  # (R, 2) of rows that end like layers
+    runs = _runs((behind < thr) & (ahead >= thr))  # (K, 2) of rows that end like layers
     if not len(runs):
         return ext_v
     first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] > join) + 1))  # of each group
     starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
     near = (ends >= lo_a - join) & (starts <= hi_a + join)  # the groups that touch the anchor
     lo, hi = min(lo_a, int(starts[near].min(initial=lo_a))), max(hi_a, int(ends[near].max(initial=hi_a)))
+    # the end of a bar along the layers can give tip-like corners too, so the chain may
+    # span the bar: a run of rows never bright past the band (a layer always ends before
+    # it) thicker than a layer, between the group of rows that overlaps the chain most
+    # and an end of the span, is such a bar; the span stops at the layer rows next to it
+    core = int(np.argmax(np.minimum(ends, hi_a) - np.maximum(starts, lo_a)))
+    shut = _runs(ahead < thr)  # (J, 2) runs of rows dark past the band
+    bar = shut[(shut[:, 1] - shut[:, 0]) > max_layer]
+    before, after = bar[bar[:, 1] <= starts[core]], bar[bar[:, 0] >= ends[core]]
+    if len(before):  # from the first group of layer rows past the bar
+        lo = max(lo, int(starts[starts >= before[-1, 1]].min()))
+    if len(after):
+        hi = min(hi, int(ends[ends <= after[0, 0]].max()))
     return max(ext_v[0], v0 + lo - tol), min(ext_v[1], v0 + hi + tol)
 
 

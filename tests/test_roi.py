@@ -299,6 +299,20 @@ def test_layer_rows_span_leaves_out_a_wall_beside_the_stack():
     assert _layer_rows_span(flat, (78.0, 126.0), (30.0, 150.0), (61.0, 118.0)) == (30.0, 150.0)
 
 
+def test_layer_rows_span_leaves_out_a_bar_whose_end_has_tip_corners():
+    """The end of a bar along the layers can give tip-like corners, so the corners' chain
+    (the anchor) may span the bar.  Rows at the chain's end that are never bright past
+    the band, thicker than a layer (``max_layer``), are left out up to the first row
+    that ends like a layer; a bar as thin as a layer is kept (it could be one)."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    win = _stack_beside_a_wall()  # the wall: rows 44-55, 12 rows
+    top, bottom = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (40.0, 118.0), max_layer=7.0)
+    assert top == 60 - STACK_TOL and bottom == 120 + STACK_TOL, (top, bottom)
+    top, _ = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (40.0, 118.0), max_layer=12.0)
+    assert top == 40 - STACK_TOL, top
+
+
 def test_layer_rows_span_keeps_short_layers_inside_the_stack():
     """Rows of a short layer pair that end before the band (a defect: bright behind it)
     split the rows that end like layers; the tip corners' rows and every row group that
