@@ -359,6 +359,21 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(m[1:] != m[:-1]).reshape(-1, 2)  # edges alternate: start, end
 
 
+def _group_runs(runs: np.ndarray, join: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)``, each ``(G,)``: the runs ``(R, 2)`` (sorted, R >= 1) joined into
+    groups wherever the gap between two runs is smaller than ``join``."""
+    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= join) + 1))  # of each group
+    return runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
+
+
+def _grow_rows(mask: np.ndarray) -> np.ndarray:
+    """``mask`` ``(R, ...)`` bool, each row or-ed with its neighbours along axis 0."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    return out
+
+
 def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
     """``(lo, hi)`` of the run of ``v`` ``(K,)`` (K >= 1) with the most members, where a run
     ends at a gap wider than ``gap``: the stack's tips are a chain of corners at most a
@@ -468,7 +483,8 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     gap_v = _chain_gap(q[:, 1])
     cv = _densest_span(q[:, 1], gap_v)
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
-    ext_u = _u_extent(win, v0, v1, cu, max_layer=gap_v / 4 + 1)
+    max_layer = gap_v / 4 + 1  # profile px: a layer pitch and one row (gap_v is four pitches)
+    ext_u = _u_extent(win, v0, v1, cu, max_layer=max_layer)
     if ext_u is None:
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
     ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
@@ -481,7 +497,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if inband.any():
         span = _densest_span(q[inband, 1], gap_v)
         ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
-    ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=gap_v / 4 + 1)
+    ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=max_layer)
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -610,18 +626,15 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
     if cw == 0:
         return end
-    near = dark[:, :cw].copy()
-    near[1:] |= dark[:-1, :cw]
-    near[:-1] |= dark[1:, :cw]
+    near = _grow_rows(dark[:, :cw])
     run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
     thick = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
     sel = thick[(thick[:, 1] - thick[:, 0]) <= max_layer]  # runs are disjoint: no index repeats
     thin = np.zeros(len(seg) + 1, np.int32)
     thin[sel[:, 0]] += 1
     thin[sel[:, 1]] -= 1
-    thin = np.cumsum(thin[:-1]) > 0  # (R,) rows of a dark run no thicker than a layer
-    thin[1:] |= thin[:-1].copy()  # and their neighbours (the hop above)
-    thin[:-1] |= thin[1:].copy()
+    thin = _grow_rows(np.cumsum(thin[:-1]) > 0)  # (R,) rows of a dark run no thicker than
+    # a layer, and their neighbours (the hop above)
     follow = (run > 0) & ((run < cw) | thin)
     return end + (int(run[follow].max()) if follow.any() else 0)
 
@@ -658,8 +671,7 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     inside = runs[(runs[:, 0] >= lo_a) & (runs[:, 0] <= hi_a), 0]
     period = _quantile(np.diff(inside).astype(np.float64), 0.5) if len(inside) > 2 else 0.0
     join = float(min(max(4.0 * period, min_gap), 2 * min_gap))
-    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= join) + 1))  # of each group
-    starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
+    starts, ends = _group_runs(runs, join)
     csum = np.concatenate(([0.0], np.cumsum(e)))
     lo_e, hi_e = np.minimum(np.maximum(starts, lo_a), hi_a), np.minimum(np.maximum(ends, lo_a), hi_a)
     k = int(np.argmax(csum[hi_e] - csum[lo_e]))  # the group with the most energy inside the anchor
@@ -704,8 +716,7 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
     runs = _runs((behind < thr) & (ahead >= thr))  # (K, 2) of rows that end like layers
     if not len(runs):
         return ext_v
-    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] > join) + 1))  # of each group
-    starts, ends = runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
+    starts, ends = _group_runs(runs, join + 1)  # gaps of up to ``join`` rows are bridged
     near = (ends >= lo_a - join) & (starts <= hi_a + join)  # the groups that touch the anchor
     lo, hi = min(lo_a, int(starts[near].min(initial=lo_a))), max(hi_a, int(ends[near].max(initial=hi_a)))
     # the end of a bar along the layers can give tip-like corners too, so the chain may
