@@ -54,6 +54,8 @@ LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at 
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
 MIN_LAYER_STEP = 32.0  # grey levels between the body behind the band and the background past it
+MAX_LAYER = 7.0  # profile px: the thickest run of rows taken for one layer when no pitch is
+# known (detect_roi passes its own: the chain's pitch, clipped to 3-6, + 1)
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -533,7 +535,7 @@ def _brighter_side(g: np.ndarray, centre: np.ndarray, ax: np.ndarray, half: int)
     return 0 if abs(diff) < 8 else (1 if diff > 0 else -1)
 
 
-def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = 7.0) -> tuple[float, float] | None:
+def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_LAYER) -> tuple[float, float] | None:
     """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
 
     The intensity accumulated over the stack rises at the cathode ends (body -> band) and
@@ -602,7 +604,7 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = 7.0)
 
 
 def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
-                     reach: int = LONE_REACH, wall_frac: float = 0.2, max_layer: float = 7.0) -> int:
+                     reach: int = LONE_REACH, wall_frac: float = 0.2, max_layer: float = MAX_LAYER) -> int:
     """Past the band's end (column ``end`` of ``rows (R, W)``, the stack's rows of the
     window), follow single layers that stick out further than the others: a long anode
     is one dark row in a hundred, too little for the mean profile, but it is the defect
@@ -680,7 +682,7 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
 
 def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[float, float], anchor,
                      depth: int = 4, gap: int = 2, join: int = 4, tol: float = STACK_TOL,
-                     max_layer: float = 7.0) -> tuple[float, float]:
+                     max_layer: float = MAX_LAYER) -> tuple[float, float]:
     """Clamp the stack's extent ``ext_v`` (rows of the de-rotated window ``(Hw, Ww)``)
     across the layers to the rows that end like layers, with ``tol`` rows to spare.
 
@@ -697,9 +699,9 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
     can give tip-like corners too, so the anchor may span a bar: a run of rows never
     bright past the band, thicker than ``max_layer`` rows (about a layer pitch), between
     the group that overlaps the anchor most and an end of the span ends the span at the
-    layer rows next to it.  The levels are the anchor rows'
-    medians; there is no clamp when they differ by less than ``MIN_LAYER_STEP`` or the
-    columns leave the window.  Returns ``(top, bottom)``, never wider than ``ext_v``."""
+    layer rows next to it.  The levels are the anchor rows' medians; there is no clamp
+    when they differ by less than ``MIN_LAYER_STEP`` or the columns leave the window.
+    Returns ``(top, bottom)``, never wider than ``ext_v``."""
     a, b = int(ext_u[0]) - gap, int(math.ceil(ext_u[1])) + depth
     if a - depth < 0 or b > win.shape[1]:
         return ext_v
