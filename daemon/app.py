@@ -47,6 +47,7 @@ from .model import KeypointModel
 from .pipeline import FrameResult, JudgeSettings, refine_and_judge
 from .protocol import FrameError, FrameLimits, decode_frame, open_socket
 from .roi import detect_roi
+from .service import tune_malloc
 from .rules import NG, OK, judge_cell
 
 log = logging.getLogger("polecheck.app")
@@ -89,8 +90,11 @@ def _roi_task(image: np.ndarray, roi_params, codec, plan):
     return roi, tiles, crops, t_roi, time.perf_counter() - t - t_roi
 
 
-def _set_opencv_threads(n: int) -> None:
-    """A roi_corners process's initializer: ``pipeline.opencv_threads`` (0 = OpenCV's default)."""
+def _init_roi_process(n: int, malloc_tuning: bool) -> None:
+    """A roi_corners process's initializer: ``pipeline.opencv_threads`` (0 = OpenCV's
+    default) and ``pipeline.malloc_tuning``."""
+    if malloc_tuning:
+        tune_malloc()
     if n:
         cv2.setNumThreads(n)
 
@@ -207,13 +211,15 @@ class App:
 
             self.archive = Archive(self.state_dir / "ng-archive", cfg.archive.budget_mb, cfg.archive.queue_size,
                                    self.metrics)
+        if cfg.pipeline.malloc_tuning:  # process-wide and for good: glibc has no way back to its default
+            tune_malloc()
         n_cv = cfg.pipeline.opencv_threads
         if n_cv:  # process-wide: every stage's OpenCV calls (and the roi_corners processes')
             self._opencv_threads_before = cv2.getNumThreads()
             cv2.setNumThreads(n_cv)
         if cfg.pipeline.executor == "process":
-            self.pool = ProcessPoolExecutor(cfg.pipeline.roi_workers, initializer=_set_opencv_threads,
-                                            initargs=(n_cv,))
+            self.pool = ProcessPoolExecutor(cfg.pipeline.roi_workers, initializer=_init_roi_process,
+                                            initargs=(n_cv, cfg.pipeline.malloc_tuning))
         self.ctx = zmq.Context()
         self.pub = open_socket(self.ctx, zmq.PUB, cfg.output.endpoint, hwm=cfg.output.hwm)
         self.endpoints["output"] = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()

@@ -331,7 +331,7 @@ def _run_load(ingest: str, out: str, pool, frames: int, rate: float) -> dict:
 @stage("pipeline")
 def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, frames: int = 200,
                    pool_cells: int = 6, preset: str = "normal", rate_fraction: float = 0.7, rounds: int = 3,
-                   **_) -> dict:
+                   malloc: str = "tuned", **_) -> dict:
     """Feed -> verdict on ``frames`` frames of ``size`` ``bits``-bit phantoms over loopback
     ZeroMQ, all variants in one run:
 
@@ -389,7 +389,8 @@ def bench_pipeline(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int 
             "journal": base.journal.model_copy(update={"enabled": journal}),
             "archive": base.archive.model_copy(update={"enabled": journal}),
             "pipeline": base.pipeline.model_copy(update={"admit_timeout_ms": 600_000.0, "deadline_ms": 600_000.0,
-                                                         "executor": executor})})
+                                                         "executor": executor,
+                                                         "malloc_tuning": malloc == "tuned"})})
 
     def run(rate: float, serial_threads: int = 0, **app_kw) -> dict:
         ctx = zmq.Context()

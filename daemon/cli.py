@@ -132,11 +132,16 @@ def cmd_check_config(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import STAGES, to_markdown
+    from .service import tune_malloc
 
     names = list(STAGES) if a.stage == "all" else [a.stage]
+    # process-wide, like the daemon's pipeline.malloc_tuning (before any stage allocates)
+    malloc = "tuned" if a.malloc == "tuned" and tune_malloc() else "default"
     results = {}
     for name in names:
-        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits, frames=a.frames, providers=a.providers)
+        res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits, frames=a.frames, providers=a.providers,
+                           malloc=malloc)
+        res["malloc"] = malloc
         results[name] = res
         print(to_markdown(name, res))
     if a.json:
@@ -303,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--providers", choices=["cpu", "config"], default="cpu",
                    help="model stage: ONNX Runtime on CPU (default), or as the config runs it: providers, "
                         "IO binding, FP16, fixed shape (the GPU path where there is one)")
+    s.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="glibc allocator: tuned as the daemon runs it (pipeline.malloc_tuning), or glibc's default")
     s.add_argument("--json", default=None, help="also write the results here")
     s.set_defaults(fn=cmd_bench)
 

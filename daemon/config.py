@@ -221,6 +221,10 @@ class PipelineConfig(Strict):
         description="OpenCV's worker threads in the daemon (and in roi_corners processes); 0 = OpenCV's default, "
                     "one per core. The App already runs stages and frames side by side; OpenCV's own pool on top "
                     "spins on every small call (docs/benchmarks.md)")
+    malloc_tuning: bool = Field(
+        True, description="glibc: serve blocks under 32 MiB from the heap and keep its free top (up to 1 GiB), so "
+                          "each frame's arrays do not fault in fresh pages (docs/benchmarks.md); the process keeps "
+                          "its high-water memory. No effect with other C libraries")
     queue_size: int = Field(8, ge=1, le=4096, description="frames each bounded queue between stages holds")
     batch_wait_ms: float = Field(4.0, ge=0, le=1000,
                                  description="T: the model waits this long for more crops (B = model.max_batch)")

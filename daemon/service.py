@@ -3,16 +3,57 @@
 ``notify("READY=1")`` sends one datagram to the AF_UNIX socket named by ``$NOTIFY_SOCKET``
 (a path, or ``@name`` for the abstract namespace); without it (not under systemd) it does
 nothing.  ``watchdog_interval()`` is half of ``$WATCHDOG_USEC`` when that is meant for this
-process (``$WATCHDOG_PID`` absent or ours), else None.
+process (``$WATCHDOG_PID`` absent or ours), else None.  ``tune_malloc()`` sets glibc's
+allocator up for a process that allocates the same arrays for every frame.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
 
 log = logging.getLogger("polecheck.service")
+
+# glibc <malloc.h> mallopt parameters, and the values tune_malloc sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # bytes: smaller blocks come from the heap (the most mallopt(3) allows on 64-bit)
+TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before any is given back to the kernel
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Keep the per-frame arrays' memory in the process: blocks under 32 MiB from the heap
+    (a fixed mmap threshold) and no trimming of the heap's top below 1 GiB.  True when
+    glibc took both settings (once per process; later calls return the first answer).
+
+    By default glibc serves blocks over a threshold that adapts to what was freed before
+    (128 kB at start) with fresh mmaps, and gives the heap's free top back to the kernel
+    past twice that.  Whether a frame's 0.1-2 MB arrays then cost fresh pages depends on the
+    process's history: on 1024x1024 frames received into one buffer, stage 1 took 224 page
+    faults on every call and ran ~1.15x slower on a pinned Xeon core (docs/benchmarks.md).
+    The cost: freed memory under 1 GiB of heap top stays with the process (its RSS is its
+    high-water mark), as a long-running service wants anyway.  Other C libraries (musl) or
+    platforms: nothing is changed and False is returned."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = False
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            mallopt = libc.mallopt
+        except (OSError, AttributeError) as e:
+            log.info("malloc not tuned (no glibc mallopt: %s)", e)
+            return False
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        _malloc_tuned = ok
+        if ok:
+            log.info("malloc tuned: mmap threshold %d MiB, trim threshold %d MiB", MMAP_THRESHOLD >> 20,
+                     TRIM_THRESHOLD >> 20)
+        else:
+            log.warning("malloc not tuned: glibc refused mallopt")
+    return _malloc_tuned
 
 
 def notify(message: str, environ=None) -> bool:

@@ -319,6 +319,20 @@ def test_opencv_threads_hold_while_the_app_runs(model, tmp_path):
         cv2.setNumThreads(before)
 
 
+def test_malloc_tuning_follows_the_config(model, tmp_path, monkeypatch):
+    """``pipeline.malloc_tuning`` (on by default) tunes the allocator when the App starts;
+    false leaves it alone."""
+    import daemon.app
+
+    calls = []
+    monkeypatch.setattr(daemon.app, "tune_malloc", lambda: calls.append(1) or True)
+    off = {"enabled": False}
+    for pipeline, expected in (({}, 1), ({"malloc_tuning": False}, 0)):
+        calls.clear()
+        App(app_config(pipeline=pipeline, journal=off, archive=off), model=model, state_dir=tmp_path).start().stop(5.0)
+        assert len(calls) == expected, pipeline
+
+
 def test_deadline_overload_is_ng_never_dropped(model, pool, tmp_path):
     # one crop per call, 80 ms each: 40 frames need 3.2 s, far past a 150 ms deadline
     cfg = app_config(pipeline={"deadline_ms": 150.0, "queue_size": 64, "admit_timeout_ms": 1000.0,
