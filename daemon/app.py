@@ -47,8 +47,8 @@ from .model import KeypointModel
 from .pipeline import FrameResult, JudgeSettings, refine_and_judge
 from .protocol import FrameError, FrameLimits, decode_frame, open_socket
 from .roi import detect_roi
-from .service import tune_malloc
 from .rules import NG, OK, judge_cell
+from .service import tune_malloc
 
 log = logging.getLogger("polecheck.app")
 

@@ -31,8 +31,9 @@ def tune_malloc() -> bool:
     By default glibc serves blocks over a threshold that adapts to what was freed before
     (128 kB at start) with fresh mmaps, and gives the heap's free top back to the kernel
     past twice that.  Whether a frame's 0.1-2 MB arrays then cost fresh pages depends on the
-    process's history: on 1024x1024 frames received into one buffer, stage 1 took 224 page
-    faults on every call and ran ~1.15x slower on a pinned Xeon core (docs/benchmarks.md).
+    process's history: on 1024x1024 frames loaded from one file, stage 1 took 224 page faults
+    on every call and ran 1.12-1.19x slower on a pinned Xeon core; the daemon fed by another
+    process took 67-103 per frame, 1-4 tuned (docs/benchmarks.md).
     The cost: freed memory under 1 GiB of heap top stays with the process (its RSS is its
     high-water mark), as a long-running service wants anyway.  Other C libraries (musl) or
     platforms: nothing is changed and False is returned."""
