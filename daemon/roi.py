@@ -630,8 +630,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
         return end
     near = _grow_rows(dark[:, :cw])
     run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
-    thick = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
-    sel = thick[(thick[:, 1] - thick[:, 0]) <= max_layer]  # runs are disjoint: no index repeats
+    at_end = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
+    sel = at_end[(at_end[:, 1] - at_end[:, 0]) <= max_layer]  # runs are disjoint: no index repeats
     thin = np.zeros(len(seg) + 1, np.int32)
     thin[sel[:, 0]] += 1
     thin[sel[:, 1]] -= 1
