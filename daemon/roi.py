@@ -45,6 +45,9 @@ STRONG_RANK = 8  # the strong corners' cut-off is relative to the 8th-best coars
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
+STEP_SHALLOW = 0.35  # a rising transition behind the band less steep than this x the band's
+# steepest step is shading (the field of view's rim, vignetting), not the layers' ends
+# (development frames: such shading 0.11-0.28, every other step joined behind the band >= 0.55)
 GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the tip corners'
 # chain wider than four layer pitches, within these bounds, separates the stack from a
 # fixture or wall
@@ -541,12 +544,15 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     The intensity accumulated over the stack rises at the cathode ends (body -> band) and
     again at the anode tips (band -> background).  From the rising transition nearest the
     anchor (the tip-like corners' median u), earlier rising transitions are added until one
-    starts at the body's level (that is the cathode step), later ones until one reaches the
-    background's level (the anode step); a dark object in between (a strong falling
-    transition that sinks more than halfway back to the body: a wall, a tray end) stops
-    the search, and so does a stretch without layers before the next step (its layer-edge
-    energy, |d/dv| per column, under ``LAYER_ENERGY`` x the band's): a film or holder past
-    the anode tips, whose far edge is one more rising step.  Returns ``(start, end)`` in
+    starts at the body's level (that is the cathode step) or one is far shallower than the
+    band's steps (under ``STEP_SHALLOW`` x the steepest: shading across the stack behind
+    the band, the field of view's dark rim or vignetting; layer ends rise sharply).  Later
+    ones are added until one reaches the background's level (the anode step); a dark
+    object in between (a strong falling transition that sinks more than halfway back to
+    the body: a wall, a tray end) stops the search, and so does a stretch without layers
+    before the next step (its layer-edge energy, |d/dv| per column, under
+    ``LAYER_ENERGY`` x the band's): a film or holder past the anode tips, whose far edge is
+    one more rising step.  Returns ``(start, end)`` in
     window columns.
     """
     if v1 - v0 < 3:
@@ -559,8 +565,8 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     d[1:-1] = 0.5 * (prof[2:] - prof[:-2])
     d[0], d[-1] = prof[1] - prof[0], prof[-1] - prof[-2]
     pos = _runs(d > STEP_RUN)
-    if len(pos):
-        pos = pos[_run_max(d, pos) >= STEP_STRONG]
+    steep = _run_max(d, pos) if len(pos) else np.zeros(0)  # (P,) each rising run's steepest slope
+    pos, steep = pos[steep >= STEP_STRONG], steep[steep >= STEP_STRONG]
     neg = _runs(d < -STEP_BLOCK)
     if len(pos) == 0:
         return None
@@ -580,7 +586,10 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
         return float(prof[a:b + 1].min()) < body + 0.5 * (float(prof[a]) - body)
 
     lo_i = hi_i = i
-    while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]):
+    # an earlier step far shallower than the band's steps so far is shading across the
+    # stack behind the band (the field of view's dark rim, vignetting), not layer ends
+    while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]) \
+            and steep[lo_i - 1] >= STEP_SHALLOW * steep[lo_i:i + 1].max():
         lo_i -= 1
 
     def short_of_background(k: int) -> bool:  # step k ends below the background, another follows

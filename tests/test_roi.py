@@ -204,6 +204,21 @@ def test_u_extent_crosses_a_halo_but_stops_at_a_wall():
     assert hi <= 93, (lo, hi)
 
 
+def test_u_extent_stops_at_shading_behind_the_body():
+    """The field of view's dark rim crosses the stack behind the band: a shallow rise from
+    its black into the body is not a layer step, so the band starts at the cathode step.
+    A sharp cathode step behind an anode step is still joined."""
+    # rim black 14 | shallow rise (2.4 / px) to the body's 48 | cathode step -> 140 |
+    # band | anode step -> 218 | background
+    prof = np.r_[np.full(20, 14.0), np.linspace(14, 48, 15), np.full(45, 48.0), np.linspace(48, 140, 8),
+                 np.full(20, 140.0), np.linspace(140, 218, 6), np.full(60, 218.0)]
+    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=84)
+    assert 74 <= lo <= 82 and 108 <= hi <= 118, (lo, hi)
+    # anchored at the anode step, the search still goes back to the sharp cathode step
+    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=111)
+    assert 74 <= lo <= 82 and 108 <= hi <= 118, (lo, hi)
+
+
 def _layered_window(film_end: int, film: float = 150.0) -> np.ndarray:
     """A de-rotated window ``(60, 220)``: rows of a stack (3-row layers: anode, gap,
     cathode, gap), the gaps ending at column 80, the cathodes at 88, the anodes at 125;
