@@ -552,8 +552,7 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     the body: a wall, a tray end) stops the search, and so does a stretch without layers
     before the next step (its layer-edge energy, |d/dv| per column, under
     ``LAYER_ENERGY`` x the band's): a film or holder past the anode tips, whose far edge is
-    one more rising step.  Returns ``(start, end)`` in
-    window columns.
+    one more rising step.  Returns ``(start, end)`` in window columns.
     """
     if v1 - v0 < 3:
         return None
@@ -566,7 +565,8 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     d[0], d[-1] = prof[1] - prof[0], prof[-1] - prof[-2]
     pos = _runs(d > STEP_RUN)
     steep = _run_max(d, pos) if len(pos) else np.zeros(0)  # (P,) each rising run's steepest slope
-    pos, steep = pos[steep >= STEP_STRONG], steep[steep >= STEP_STRONG]
+    strong = steep >= STEP_STRONG
+    pos, steep = pos[strong], steep[strong]
     neg = _runs(d < -STEP_BLOCK)
     if len(pos) == 0:
         return None
