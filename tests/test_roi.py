@@ -212,11 +212,10 @@ def test_u_extent_stops_at_shading_behind_the_body():
     # band | anode step -> 218 | background
     prof = np.r_[np.full(20, 14.0), np.linspace(14, 48, 15), np.full(45, 48.0), np.linspace(48, 140, 8),
                  np.full(20, 140.0), np.linspace(140, 218, 6), np.full(60, 218.0)]
-    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=84)
-    assert 74 <= lo <= 82 and 108 <= hi <= 118, (lo, hi)
-    # anchored at the anode step, the search still goes back to the sharp cathode step
-    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=111)
-    assert 74 <= lo <= 82 and 108 <= hi <= 118, (lo, hi)
+    win = _window_from_profile(prof)
+    for anchor in (84, 111):  # at the cathode step; at the anode step, back to the cathode step
+        lo, hi = _u_extent(win, 0, 60, anchor=anchor)
+        assert 74 <= lo <= 82 and 108 <= hi <= 118, (anchor, lo, hi)
 
 
 def _layered_window(film_end: int, film: float = 150.0) -> np.ndarray:
