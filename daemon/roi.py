@@ -366,15 +366,20 @@ def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
 
 def _runs(mask: np.ndarray) -> np.ndarray:
     """``(R, 2)`` [start, end) of the True runs of a 1-D bool array."""
-    m = np.concatenate(([False], mask, [False]))
-    return np.flatnonzero(m[1:] != m[:-1]).reshape(-1, 2)  # edges alternate: start, end
+    m = np.zeros(len(mask) + 2, bool)
+    m[1:-1] = mask
+    return (m[1:] != m[:-1]).nonzero()[0].reshape(-1, 2)  # edges alternate: start, end
 
 
 def _group_runs(runs: np.ndarray, join: float) -> tuple[np.ndarray, np.ndarray]:
     """``(starts, ends)``, each ``(G,)``: the runs ``(R, 2)`` (sorted, R >= 1) joined into
     groups wherever the gap between two runs is smaller than ``join``."""
-    first = np.concatenate(([0], np.flatnonzero(runs[1:, 0] - runs[:-1, 1] >= join) + 1))  # of each group
-    return runs[first, 0], runs[np.append(first[1:], len(runs)) - 1, 1]
+    breaks = (runs[1:, 0] - runs[:-1, 1] >= join).nonzero()[0]  # (G - 1,) the last run of each group but the final one
+    last = np.empty(len(breaks) + 1, np.intp)
+    last[:-1], last[-1] = breaks, len(runs) - 1
+    first = np.empty_like(last)
+    first[0], first[1:] = 0, breaks + 1
+    return runs[first, 0], runs[last, 1]
 
 
 def _grow_rows(mask: np.ndarray) -> np.ndarray:
@@ -390,12 +395,14 @@ def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
     ends at a gap wider than ``gap``: the stack's tips are a chain of corners at most a
     layer pitch or two apart, a fixture or wall beside the stack is a separate run."""
     s = np.sort(v)
-    last = np.flatnonzero(np.diff(s) > gap)  # (C,) the last member of each run but the final one
+    last = (s[1:] - s[:-1] > gap).nonzero()[0]  # (C,) the last member of each run but the final one
     if not len(last):
         return float(s[0]), float(s[-1])
-    ends = np.append(last, len(s) - 1)
-    starts = np.concatenate(([0], last + 1))
-    k = int(np.argmax(ends - starts))  # the first of the longest runs
+    ends = np.empty(len(last) + 1, np.intp)
+    ends[:-1], ends[-1] = last, len(s) - 1
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, last + 1
+    k = int((ends - starts).argmax())  # the first of the longest runs
     return float(s[starts[k]]), float(s[ends[k]])
 
 
@@ -403,7 +410,8 @@ def _chain_gap(v: np.ndarray) -> float:
     """The widest gap ``_densest_span`` bridges in the tip corners' chain ``v`` ``(K,)``:
     four layer pitches (the upper-quartile step between corners; the outermost layers next to
     a wall can lose their corners), within ``GAP_V``."""
-    steps = np.diff(np.sort(v))
+    s = np.sort(v)
+    steps = s[1:] - s[:-1]
     steps = steps[steps > 1.5]  # several corners on one tip are < 1.5 px apart
     # the upper quartile: a tip often has two or three corners 2-3 px apart, and those
     # steps would pull a median below the pitch between tips
