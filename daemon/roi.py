@@ -374,12 +374,19 @@ def _runs(mask: np.ndarray) -> np.ndarray:
 def _group_runs(runs: np.ndarray, join: float) -> tuple[np.ndarray, np.ndarray]:
     """``(starts, ends)``, each ``(G,)``: the runs ``(R, 2)`` (sorted, R >= 1) joined into
     groups wherever the gap between two runs is smaller than ``join``."""
-    breaks = (runs[1:, 0] - runs[:-1, 1] >= join).nonzero()[0]  # (G - 1,) the last run of each group but the final one
+    first, last = _group_bounds((runs[1:, 0] - runs[:-1, 1] >= join).nonzero()[0], len(runs))
+    return runs[first, 0], runs[last, 1]
+
+
+def _group_bounds(breaks: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, last)``, each ``(G,)``: the index of the first and of the last member of
+    each group of ``n`` sorted items, from ``breaks`` ``(G - 1,)``: the last member of each
+    group but the final one (increasing)."""
     last = np.empty(len(breaks) + 1, np.intp)
-    last[:-1], last[-1] = breaks, len(runs) - 1
+    last[:-1], last[-1] = breaks, n - 1
     first = np.empty_like(last)
     first[0], first[1:] = 0, breaks + 1
-    return runs[first, 0], runs[last, 1]
+    return first, last
 
 
 def _grow_rows(mask: np.ndarray) -> np.ndarray:
@@ -398,10 +405,7 @@ def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
     last = (s[1:] - s[:-1] > gap).nonzero()[0]  # (C,) the last member of each run but the final one
     if not len(last):
         return float(s[0]), float(s[-1])
-    ends = np.empty(len(last) + 1, np.intp)
-    ends[:-1], ends[-1] = last, len(s) - 1
-    starts = np.empty_like(ends)
-    starts[0], starts[1:] = 0, last + 1
+    starts, ends = _group_bounds(last, len(s))
     k = int((ends - starts).argmax())  # the first of the longest runs
     return float(s[starts[k]]), float(s[ends[k]])
 
