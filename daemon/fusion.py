@@ -10,10 +10,10 @@ off belongs to something else).  The two positions are combined by inverse varia
 - the corners' mean has variance ``sigma_corner^2 / n_eff`` with ``n_eff`` the effective
   number of supporting corners (weights: FAST response times a Gaussian of the distance);
 - optionally (``bias_correction``), the corners are first shifted by the frame's median
-  along-axis offset between corners and tips: FAST and cornerSubPix settle about one cap
-  radius behind a rounded tip's extreme point (docs/design.md).  Off by default: the cap
-  radius varies from layer to layer, and on the development frames the correction made
-  the fused tips worse, not better.
+  along-axis offset between corners and tips: Q's corners lie behind a rounded tip's
+  extreme point (0.1-0.6 px median with one cornerSubPix step, docs/accuracy.md "Q").
+  Off by default: the offset varies from layer to layer, and on the development frames
+  the correction made the fused tips worse, not better.
 
 A tip without support keeps its position and has its score multiplied by
 ``unsupported_factor``, so that the rules' minimum confidence can see it.
