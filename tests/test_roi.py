@@ -16,6 +16,11 @@ def _tips(ph: P.Phantom) -> np.ndarray:
     return np.vstack([ph.labels["anode"], ph.labels["cathode"]])
 
 
+def _nearest_corner(tips: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``(T,)`` distance from each of ``tips (T, 2)`` to its nearest corner of ``q (N, 2)``."""
+    return np.linalg.norm(tips[:, None] - q[None].astype(np.float64), axis=2).min(1)
+
+
 def _check(ph: P.Phantom, res, margin: float = 8.0) -> None:
     assert res.ok, (res.reason, res.detail)
     assert res.direction == ph.scene.orientation
@@ -89,8 +94,7 @@ def test_corner_set_q_is_subpixel_and_inside():
     # With N=512, most tips have a corner of Q within 4 px (the fusion's support).  The
     # distances are around a pixel, not sub-pixel: the corner prior is noisier than the
     # decoded tips (docs/design.md, Fusion).
-    full = detect_roi(ph.image, RoiParams(n_corners=512)).corners.astype(np.float64)
-    d = np.linalg.norm(_tips(ph)[:, None] - full[None], axis=2).min(1)
+    d = _nearest_corner(_tips(ph), detect_roi(ph.image, RoiParams(n_corners=512)).corners)
     assert np.mean(d < 4.0) > 0.85 and np.median(d) < 3.0, np.round(d, 2)
 
 
@@ -102,10 +106,8 @@ def test_one_subpix_step_lands_nearer_the_tips_than_converging():
     for seed in range(4):
         for preset in ("normal", "hard"):
             ph = P.make_phantom(np.random.SeedSequence([415, seed]), preset, SIZE, 16)
-            tips = _tips(ph)
             for k, p in params.items():
-                q = detect_roi(ph.image, p).corners.astype(np.float64)
-                d = np.linalg.norm(tips[:, None] - q[None], axis=2).min(1)
+                d = _nearest_corner(_tips(ph), detect_roi(ph.image, p).corners)
                 near[k].append(d[d < 4.0])
     one, six = np.concatenate(near["default"]), np.concatenate(near["six"])
     assert len(one) > 0.8 * len(six) > 100
