@@ -57,6 +57,8 @@ LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at 
 # bare background past the tips, whose far edge is one more rising step
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
+SOLID = 0.3  # share of the band's columns: a row dark over at least this much of the band is
+# part of a solid run (an anode: dark to its tip; a cathode row turns bright at the band's start)
 MIN_LAYER_STEP = 32.0  # grey levels between the body behind the band and the background past it
 MAX_LAYER = 7.0  # profile px: the thickest run of rows taken for one layer when no pitch is
 # known (detect_roi passes its own: the chain's pitch, clipped to 3-6, + 1)
@@ -521,7 +523,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if inband.any():
         span = _densest_span(q[inband, 1], gap_v)
         ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
-    ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=max_layer)
+    ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=max_layer, tips_v=q[:, 1])
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -710,7 +712,7 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
 
 def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[float, float], anchor,
                      depth: int = 4, gap: int = 2, join: int = 4, tol: float = STACK_TOL,
-                     max_layer: float = MAX_LAYER) -> tuple[float, float]:
+                     max_layer: float = MAX_LAYER, tips_v: np.ndarray | None = None) -> tuple[float, float]:
     """Clamp the stack's extent ``ext_v`` (rows of the de-rotated window ``(Hw, Ww)``)
     across the layers to the rows that end like layers, with ``tol`` rows to spare.
 
@@ -727,9 +729,11 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
     can give tip-like corners too, so the anchor may span a bar: a run of rows never
     bright past the band, thicker than ``max_layer`` rows (about a layer pitch), between
     the group that overlaps the anchor most and an end of the span ends the span at the
-    layer rows next to it.  The levels are the anchor rows' medians; there is no clamp
-    when they differ by less than ``MIN_LAYER_STEP`` or the columns leave the window.
-    Returns ``(top, bottom)``, never wider than ``ext_v``."""
+    layer rows next to it.  A tray or bar that touches the stack and ends near the tips
+    does end like a layer; given the tip-like corners' rows ``tips_v`` ``(K,)``, it is
+    left out as a solid run (``_tray_bounds``).  The levels are the anchor rows' medians;
+    there is no clamp when they differ by less than ``MIN_LAYER_STEP`` or the columns
+    leave the window.  Returns ``(top, bottom)``, never wider than ``ext_v``."""
     a, b = int(ext_u[0]) - gap, int(math.ceil(ext_u[1])) + depth
     if a - depth < 0 or b > win.shape[1]:
         return ext_v
@@ -761,7 +765,53 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
         lo = max(lo, int(starts[starts >= before[-1, 1]].min()))
     if len(after):
         hi = min(hi, int(ends[ends <= after[0, 0]].max()))
+    if tips_v is not None and len(tips_v) and b - depth - (a + 2 * gap) >= 4:
+        lo, hi = _tray_bounds(win[v0:v1, a + 2 * gap:b - depth], thr, np.asarray(tips_v, np.float64) - v0,
+                              max_layer, lo, hi)
     return max(ext_v[0], v0 + lo - tol), min(ext_v[1], v0 + hi + tol)
+
+
+def _tray_bounds(band: np.ndarray, thr: float, tips_v: np.ndarray, max_layer: float,
+                 lo: int, hi: int) -> tuple[int, int]:
+    """Narrow the stack's rows ``[lo, hi)`` at a tray or bar along the layers that touches
+    the stack and ends near the tips: its rows end like layers and its end gives tip-like
+    corners that chain onto the tips', so neither the row test nor the anchor leaves it out.
+
+    ``band`` ``(R, C)``: the span's rows of the band's columns; ``tips_v`` ``(K,)``: the
+    tip-like corners' rows in the same frame.  Solid runs are rows dark (under ``thr``) over
+    at least ``SOLID`` of the band: each anode is one, about a layer thick, and cathode and
+    gap rows, which turn bright at the band's start, separate them.  A tray is a solid run
+    thicker than both ``max_layer`` and twice the median run.  The stack lies on the side
+    of the tip corners' median; the span ends at the tray's near rows, kept to half a layer
+    past the last tip corner in the run (a layer that merges into the tray keeps its tip) or
+    the median run's thickness (an outermost layer that lost its corner).  Corners within
+    1.5 rows of the run's far edge are the tray's own end and do not count; a run with a
+    tip corner further out than ``max_layer`` rows short of its far edge is layers (blurred
+    layers that all stick out: a defect) and is kept whole.  Returns ``(lo, hi)``."""
+    frac = cv2.reduce((band < thr).view(np.uint8), 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()  # (R,)
+    solid = _runs(frac >= SOLID)  # (S, 2)
+    if not len(solid):
+        return lo, hi
+    th = solid[:, 1] - solid[:, 0]
+    med = float(np.median(th))
+    solid = solid[th > max(max_layer, 2.0 * med)]
+    if not len(solid):
+        return lo, hi
+    s, e = solid[:, :1].astype(np.float64), solid[:, 1:].astype(np.float64)  # (S, 1) each
+    v, mid = tips_v[None, :], float(np.median(tips_v))
+    # past the median (the stack at the run's start): the last tip corner in the run
+    last = np.where((v >= s - 1) & (v < e - 2.5), v, -np.inf).max(axis=1)  # (S,)
+    cut = np.ceil(np.maximum(last + 0.5 * max_layer, s[:, 0] + med))
+    ok = (s[:, 0] > mid) & (cut < e[:, 0] - max_layer)
+    if ok.any():
+        hi = min(hi, int(cut[ok].min()))
+    # before the median (the stack at the run's end): the first tip corner in the run
+    first = np.where((v > s + 1.5) & (v <= e), v, np.inf).min(axis=1)
+    cut = np.floor(np.minimum(first - 0.5 * max_layer, e[:, 0] - med))
+    ok = (e[:, 0] <= mid) & (cut > s[:, 0] + max_layer)
+    if ok.any():
+        lo = max(lo, int(cut[ok].max()))
+    return lo, hi
 
 
 def corner_set(img: np.ndarray, res: RoiResult, p: RoiParams) -> None:

@@ -360,6 +360,64 @@ def test_layer_rows_span_keeps_short_layers_inside_the_stack():
     assert top == 60 - STACK_TOL and bottom == 120 + STACK_TOL, (top, bottom)
 
 
+
+#: tip corners' rows in ``_stack_beside_a_wall``'s stack (rows 60-119, 3-row layers)
+_ANODE_TIPS = 61.0 + 12.0 * np.arange(5)
+_CATHODE_TIPS = _ANODE_TIPS + 6.0
+
+
+def _stack_and_tray(rows: slice) -> np.ndarray:
+    """``_stack_beside_a_wall``'s stack, without the wall, and a tray along the layers in
+    ``rows``: dark from the body up to column 124, as far out as the anode tips (125)."""
+    win = np.full((170, 220), 226, np.uint8)
+    win[60:120] = _layered_window(126)
+    win[rows, :124] = 30
+    return win
+
+
+def test_layer_rows_span_leaves_out_a_tray_that_touches_the_stack():
+    """A tray along the layers that touches the stack and ends as far out as the tips ends
+    like a layer (dark behind the band, bright past it), and its end gives tip-like corners
+    that chain onto the tips.  But it is solid: dark across the band in a run of rows more
+    than twice as thick as the stack's anodes.  The span stops half a layer past the last
+    tip corner in that run (the tray's near end corner here) instead of at its far edge."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    win = _stack_and_tray(slice(120, 140))
+    corners = np.concatenate([_ANODE_TIPS, _CATHODE_TIPS, [120.5, 138.5]])  # + the tray end's corners
+    span = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 139.0), max_layer=7.0)
+    assert span == (60 - STACK_TOL, 140 + STACK_TOL), span  # without the corners: the tray is kept
+    top, bottom = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 139.0), max_layer=7.0,
+                                   tips_v=corners)
+    assert top == 60 - STACK_TOL and 120 + STACK_TOL <= bottom <= 120.5 + 3.5 + 1 + STACK_TOL, (top, bottom)
+
+
+def test_layer_rows_span_keeps_the_layer_that_merges_into_a_tray():
+    """The outermost anode touches the tray (one dark run from row 108) and has lost its tip
+    corner: a layer's thickness (the median run's) of the run is kept, so its rows stay inside."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    win = _stack_and_tray(slice(111, 131))
+    corners = np.concatenate([_ANODE_TIPS[:-1], _CATHODE_TIPS[:-1], [129.5]])
+    top, bottom = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 130.0), max_layer=7.0,
+                                   tips_v=corners)
+    assert top == 60 - STACK_TOL and 111 + STACK_TOL <= bottom <= 112 + STACK_TOL, (top, bottom)
+
+
+def test_layer_rows_span_keeps_a_solid_run_with_tips_inside():
+    """A run of rows dark across the band that has tip corners along it (blurred layers that
+    all stick out as far: a defect) is layers, not a tray; nor is any run when every run is
+    about as thick (the anodes, with a pitch estimate that is too small)."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    corners = np.concatenate([_ANODE_TIPS, _CATHODE_TIPS])
+    win = _stack_and_tray(slice(96, 120))
+    assert _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 118.0), max_layer=7.0,
+                            tips_v=corners) == (60 - STACK_TOL, 120 + STACK_TOL)
+    win = _stack_and_tray(slice(0, 0))
+    assert _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 118.0), max_layer=2.0,
+                            tips_v=corners) == (60 - STACK_TOL, 120 + STACK_TOL)
+
 def _coarse8(img: np.ndarray) -> np.ndarray:
     """detect_roi's coarse 8-bit image of a 1024 px frame ``(H, W)``: halved, windowed."""
     g = area_downscale(img, 2)
