@@ -793,22 +793,25 @@ def _tray_bounds(band: np.ndarray, thr: float, tips_v: np.ndarray, max_layer: fl
     if not len(solid):
         return lo, hi
     th = solid[:, 1] - solid[:, 0]
-    med = float(np.median(th))
+    med = _quantile(th, 0.5)
     solid = solid[th > max(max_layer, 2.0 * med)]
     if not len(solid):
         return lo, hi
-    s, e = solid[:, :1].astype(np.float64), solid[:, 1:].astype(np.float64)  # (S, 1) each
-    v, mid = tips_v[None, :], float(np.median(tips_v))
+    sv = np.sort(tips_v)  # (K,)
+    mid, half = _quantile(sv, 0.5), 0.5 * max_layer
+    s, e = solid[:, 0].astype(np.float64), solid[:, 1].astype(np.float64)  # (S,) each
     # past the median (the stack at the run's start): the last tip corner in the run
-    last = np.where((v >= s - 1) & (v < e - 2.5), v, -np.inf).max(axis=1)  # (S,)
-    cut = np.ceil(np.maximum(last + 0.5 * max_layer, s[:, 0] + med))
-    ok = (s[:, 0] > mid) & (cut < e[:, 0] - max_layer)
+    i0, i1 = np.searchsorted(sv, s - 1.0), np.searchsorted(sv, e - 2.5)
+    last = np.where(i1 > i0, sv[i1 - 1], -np.inf)  # i1 > i0 >= 0 where it is used
+    cut = np.ceil(np.maximum(last + half, s + med))
+    ok = (s > mid) & (cut < e - max_layer)
     if ok.any():
         hi = min(hi, int(cut[ok].min()))
     # before the median (the stack at the run's end): the first tip corner in the run
-    first = np.where((v > s + 1.5) & (v <= e), v, np.inf).min(axis=1)
-    cut = np.floor(np.minimum(first - 0.5 * max_layer, e[:, 0] - med))
-    ok = (e[:, 0] <= mid) & (cut > s[:, 0] + max_layer)
+    j0, j1 = np.searchsorted(sv, s + 1.5, "right"), np.searchsorted(sv, e, "right")
+    first = np.where(j1 > j0, sv[np.minimum(j0, len(sv) - 1)], np.inf)
+    cut = np.floor(np.minimum(first - half, e - med))
+    ok = (e <= mid) & (cut > s + max_layer)
     if ok.any():
         lo = max(lo, int(cut[ok].max()))
     return lo, hi
