@@ -786,8 +786,9 @@ def _tray_bounds(band: np.ndarray, thr: float, tips_v: np.ndarray, max_layer: fl
     past the last tip corner in the run (a layer that merges into the tray keeps its tip) or
     the median run's thickness (an outermost layer that lost its corner).  Corners within
     1.5 rows of the run's far edge are the tray's own end and do not count; a run with a
-    tip corner further out than ``max_layer`` rows short of its far edge is layers (blurred
-    layers that all stick out: a defect) and is kept whole.  Returns ``(lo, hi)``."""
+    tip corner within 1.5 ``max_layer`` rows of its far edge (less than ``max_layer`` rows
+    of it would be left out) is layers, blurred layers that all stick out (a defect), and
+    is kept whole.  Returns ``(lo, hi)``."""
     frac = cv2.reduce((band < thr).view(np.uint8), 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F).ravel()  # (R,)
     solid = _runs(frac >= SOLID)  # (S, 2)
     if not len(solid):

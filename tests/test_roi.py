@@ -360,7 +360,6 @@ def test_layer_rows_span_keeps_short_layers_inside_the_stack():
     assert top == 60 - STACK_TOL and bottom == 120 + STACK_TOL, (top, bottom)
 
 
-
 #: tip corners' rows in ``_stack_beside_a_wall``'s stack (rows 60-119, 3-row layers)
 _ANODE_TIPS = 61.0 + 12.0 * np.arange(5)
 _CATHODE_TIPS = _ANODE_TIPS + 6.0
@@ -417,6 +416,7 @@ def test_layer_rows_span_keeps_a_solid_run_with_tips_inside():
     win = _stack_and_tray(slice(0, 0))
     assert _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 118.0), max_layer=2.0,
                             tips_v=corners) == (60 - STACK_TOL, 120 + STACK_TOL)
+
 
 def _coarse8(img: np.ndarray) -> np.ndarray:
     """detect_roi's coarse 8-bit image of a 1024 px frame ``(H, W)``: halved, windowed."""
