@@ -510,9 +510,11 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     cv = _densest_span(q[:, 1], gap_v)
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
     max_layer = gap_v / 4 + 1  # profile px: a layer pitch and one row (gap_v is four pitches)
-    ext_u = _u_extent(win, v0, v1, cu, max_layer=max_layer)
-    if ext_u is None:
+    steps = _u_steps(win, v0, v1, cu)
+    if steps is None:
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
+    band_end, levels = steps[1], steps[2:]
+    ext_u = (steps[0], float(_lone_layers_end(win[v0:v1], band_end, *levels, max_layer=max_layer)))
     ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
     if ext_v is None:
         return _fail("no_band", "no stack edges across the layers", (lo, hi))
@@ -524,6 +526,14 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         span = _densest_span(q[inband, 1], gap_v)
         ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
     ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=max_layer, tips_v=q[:, 1])
+    # long layers are the stack's: where its rows leave out some of the chain's (a bar or
+    # wall beside the stack, which may run into the can wall past the tips), they are
+    # followed again in the stack's rows only (when any were followed: fewer rows to follow
+    # never follow more)
+    r0, r1 = max(v0, int(math.ceil(ext_v[0]))), min(v1, int(ext_v[1]) + 1)
+    if ext_u[1] > band_end and (r0, r1) != (v0, v1):
+        ext_u = (ext_u[0], float(_lone_layers_end(win[v0:v1], band_end, *levels, max_layer=max_layer,
+                                                  keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))))
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -560,6 +570,18 @@ def _brighter_side(g: np.ndarray, centre: np.ndarray, ax: np.ndarray, half: int)
 
 
 def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_LAYER) -> tuple[float, float] | None:
+    """``(start, end)`` of the band along u in window columns: ``_u_steps``, then the long
+    layers past its end (``_lone_layers_end``) in rows ``[v0, v1)``; ``None`` if no band.
+    ``detect_roi`` runs the two parts itself: it follows the long layers again once the
+    stack's rows are known."""
+    steps = _u_steps(win, v0, v1, anchor)
+    if steps is None:
+        return None
+    start, end, body, background = steps
+    return start, float(_lone_layers_end(win[v0:v1], end, body, background, max_layer=max_layer))
+
+
+def _u_steps(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, int, float, float] | None:
     """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
 
     The intensity accumulated over the stack rises at the cathode ends (body -> band) and
@@ -573,7 +595,8 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     the body: a wall, a tray end) stops the search, and so does a stretch without layers
     before the next step (its layer-edge energy, |d/dv| per column, under
     ``LAYER_ENERGY`` x the band's): a film or holder past the anode tips, whose far edge is
-    one more rising step.  Returns ``(start, end)`` in window columns.
+    one more rising step.  Returns ``(start, end, body, background)``: the band's first and
+    last column (before any long layer past it) and the profile's two levels.
     """
     if v1 - v0 < 3:
         return None
@@ -629,12 +652,12 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
         while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
                 and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
             hi_i += 1
-    return float(pos[lo_i, 0]), float(_lone_layers_end(win[v0:v1], int(pos[hi_i, 1]), body, background,
-                                                       max_layer=max_layer))
+    return float(pos[lo_i, 0]), int(pos[hi_i, 1]), body, background
 
 
 def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
-                     reach: int = LONE_REACH, wall_frac: float = 0.2, max_layer: float = MAX_LAYER) -> int:
+                     reach: int = LONE_REACH, wall_frac: float = 0.2, max_layer: float = MAX_LAYER,
+                     keep: slice = slice(None)) -> int:
     """Past the band's end (column ``end`` of ``rows (R, W)``, the stack's rows of the
     window), follow single layers that stick out further than the others: a long anode
     is one dark row in a hundred, too little for the mean profile, but it is the defect
@@ -648,8 +671,10 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     row that never turns bright is followed to the end of the search only when its dark
     rows at ``end`` are at most ``max_layer`` rows thick (about a layer pitch): a long
     anode that runs into the field of view's dark rim or past the reach; a bar or tray
-    along the layers that runs into a can wall is thicker than a layer and is not.
-    Returns the column where the band ends."""
+    along the layers that runs into a can wall is thicker than a layer and is not.  Only
+    the rows ``keep`` selects are followed (the stack's, when they are known); the walls
+    and the thickness of the dark runs are judged on all rows.  Returns the column where
+    the band ends."""
     seg = rows[:, end:end + reach]
     if seg.size == 0:
         return end
@@ -667,8 +692,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     thin[sel[:, 1]] -= 1
     thin = _grow_rows(np.cumsum(thin[:-1]) > 0)  # (R,) rows of a dark run no thicker than
     # a layer, and their neighbours (the hop above)
-    follow = (run > 0) & ((run < cw) | thin)
-    return end + (int(run[follow].max()) if follow.any() else 0)
+    follow = ((run > 0) & ((run < cw) | thin))[keep]
+    return end + (int(run[keep][follow].max()) if follow.any() else 0)
 
 
 def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,
@@ -765,10 +790,50 @@ def _layer_rows_span(win: np.ndarray, ext_u: tuple[float, float], ext_v: tuple[f
         lo = max(lo, int(starts[starts >= before[-1, 1]].min()))
     if len(after):
         hi = min(hi, int(ends[ends <= after[0, 0]].max()))
+    lo, hi = _can_bar_bounds(behind < thr, ahead < thr, lo_a, hi_a, int(starts[core]), int(ends[core]), lo, hi)
     if tips_v is not None and len(tips_v) and b - depth - (a + 2 * gap) >= 4:
         lo, hi = _tray_bounds(win[v0:v1, a + 2 * gap:b - depth], thr, np.asarray(tips_v, np.float64) - v0,
                               max_layer, lo, hi)
     return max(ext_v[0], v0 + lo - tol), min(ext_v[1], v0 + hi + tol)
+
+
+def _can_bar_bounds(dark_behind: np.ndarray, shut: np.ndarray, lo_a: int, hi_a: int, core_lo: int, core_hi: int,
+                    lo: int, hi: int) -> tuple[int, int]:
+    """Narrow the stack's rows ``[lo, hi)`` at a thin bar of the can beside the stack.
+
+    The can's wall past the tips and its bar along the layers beside the stack meet in an
+    L, and its outer corner is a tip-like corner that chains onto the tips, so the anchor
+    (the corners' rows ``[lo_a, hi_a)``) reaches the bar, and a bar as thin as a layer
+    passes the ``max_layer`` test.  What sets it apart from an outermost layer is that it
+    is not part of the stack's body: rows bright behind the band separate it from the
+    body, and it is not bright past the band (it runs into the wall).  An outermost layer is
+    part of the body behind the band; a short layer pair, bright behind the band, is
+    bright past it too.  So when the anchor's end row (or the row next to it) lies in a
+    run of ``dark_behind`` rows wholly beyond the layer rows that overlap the anchor most,
+    ``[core_lo, core_hi)`` (which are dark behind the band: the body), and most of its
+    rows are ``shut`` (its blurred edge rows may not be), the span ends at the run before
+    it, never inside ``[core_lo, core_hi)``.
+
+    ``dark_behind``, ``shut``: ``(R,) bool`` per row of the span.  Returns ``(lo, hi)``.
+    """
+    runs = _runs(dark_behind)  # (B, 2)
+    if len(runs) < 2:
+        return lo, hi
+    rows = np.array([lo_a, lo_a + 1, hi_a - 1, hi_a - 2])
+    k = np.searchsorted(runs[:, 1], rows, "right")  # (4,) the run each row is in, if any
+    inside = k < len(runs)
+    inside[inside] = runs[k[inside], 0] <= rows[inside]
+    if inside[0] or inside[1]:
+        j = int(k[0] if inside[0] else k[1])
+        s, e = runs[j]
+        if e <= core_lo and 2 * int(shut[s:e].sum()) >= e - s:  # a run follows: the core's
+            lo = max(lo, min(int(runs[j + 1, 0]), core_lo))
+    if inside[2] or inside[3]:
+        j = int(k[2] if inside[2] else k[3])
+        s, e = runs[j]
+        if s >= core_hi and 2 * int(shut[s:e].sum()) >= e - s:  # a run precedes: the core's
+            hi = min(hi, max(int(runs[j - 1, 1]), core_hi))
+    return lo, hi
 
 
 def _tray_bounds(band: np.ndarray, thr: float, tips_v: np.ndarray, max_layer: float,

@@ -301,6 +301,10 @@ def test_lone_layers_follow_layers_not_bars_that_run_into_a_wall():
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 80
     rows[80:82, 40:85] = 40  # a 2-row layer into the wall
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 85
+    # only the rows ``keep`` selects (the stack's) are followed; the wall is still judged on
+    # all rows, so the layer in rows 60-62 still ends at 80
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 79)) == 80
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 59)) == 40
 
 
 def _stack_beside_a_wall() -> np.ndarray:
@@ -344,6 +348,40 @@ def test_layer_rows_span_leaves_out_a_bar_whose_end_has_tip_corners():
     assert top == 60 - STACK_TOL and bottom == 120 + STACK_TOL, (top, bottom)
     top, _ = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (40.0, 118.0), max_layer=12.0)
     assert top == 40 - STACK_TOL, top
+
+
+def _stack_and_can_bar(rows: slice, bar_end: int = 150) -> np.ndarray:
+    """``_stack_beside_a_wall``'s stack (rows 60-119), without the wall, and the can: a bar
+    along the layers in ``rows``, dark from the body's side up to column ``bar_end``, where
+    it meets a wall across every row (columns 150-155) past the tips (125)."""
+    win = np.full((170, 220), 226, np.uint8)
+    win[60:120] = _layered_window(126)
+    win[rows, :bar_end] = 30
+    win[:, 150:156] = 30
+    return win
+
+
+def test_layer_rows_span_leaves_out_the_can_bar_beside_the_stack():
+    """The can's bar along the layers meets its wall past the tips in an L, whose corner
+    is a tip-like corner that chains onto the tips (the anchor reaches the bar).  As thin
+    as a layer, the bar is still left out: rows bright behind the band separate it from
+    the stack's body, and it is never bright past the band.  On either side; a bar that
+    touches the stack, or a separate row run that ends in background past the band, is
+    kept as far as the anchor reaches."""
+    from daemon.roi import STACK_TOL, _layer_rows_span
+
+    win = _stack_and_can_bar(slice(126, 130))  # 4 rows (max_layer 7), 6 bright rows from the stack
+    span = _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 129.0), max_layer=7.0)
+    assert span == (60 - STACK_TOL, 120 + STACK_TOL), span
+    # mirrored across the layers: the bar before the stack
+    span = _layer_rows_span(win[::-1], (78.0, 126.0), (19.0, 139.0), (40.0, 108.0), max_layer=7.0)
+    assert span == (50 - STACK_TOL, 110 + STACK_TOL), span
+    # the bar touching the stack is one dark run with its body: kept
+    win = _stack_and_can_bar(slice(120, 124))
+    assert _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 123.0), max_layer=7.0)[1] == 124 + STACK_TOL
+    # rows that end in background past the band's start are not the can's bar: kept
+    win = _stack_and_can_bar(slice(126, 130), bar_end=110)
+    assert _layer_rows_span(win, (78.0, 126.0), (30.0, 150.0), (61.0, 129.0), max_layer=7.0)[1] == 130 + STACK_TOL
 
 
 def test_layer_rows_span_keeps_short_layers_inside_the_stack():
