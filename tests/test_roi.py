@@ -310,8 +310,8 @@ def test_lone_layers_follow_layers_not_bars_that_run_into_a_wall():
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 80
     rows[80:82, 40:85] = 40  # a 2-row layer into the wall
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 85
-    # only the rows ``keep`` selects (the stack's) are followed; the wall is still judged on
-    # all rows, so the layer in rows 60-62 still ends at 80
+    # only the rows ``keep`` selects (the stack's) are followed: without rows 80-81 the band
+    # ends where the tilted layer in rows 60-62 does; without rows 59 on, nothing is followed
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 79)) == 80
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 59)) == 40
 
