@@ -46,11 +46,9 @@ STRONG_RANK = 8  # the strong corners' cut-off is relative to the 8th-best coars
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
-STEP_SHALLOW = 0.45  # a rising transition behind the band less steep than this x the band's
+STEP_SHALLOW = 0.35  # a rising transition behind the band less steep than this x the band's
 # steepest step is shading (the field of view's rim, vignetting), not the layers' ends
-# (development frames: such shading 0.11-0.38 (0.38: 9001 normal 939's rim), every step
-# joined behind the band >= 0.555 in 199 decisions on 9001 normal 300-1299, 9004 hard
-# 0-799 and 9004 defects 0-399)
+# (development frames: such shading 0.11-0.28, every other step joined behind the band >= 0.55)
 GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the tip corners'
 # chain wider than four layer pitches, within these bounds, separates the stack from a
 # fixture or wall
