@@ -33,7 +33,9 @@ def tune_malloc() -> bool:
     past twice that.  Whether a frame's 0.1-2 MB arrays then cost fresh pages depends on the
     process's history: on 1024x1024 frames loaded from one file, stage 1 took 224 page faults
     on every call and ran 1.12-1.19x slower on a pinned Xeon core; the daemon fed by another
-    process took 67-103 per frame, 1-4 tuned (docs/benchmarks.md).
+    process took 67-103 per frame, 1-4 tuned (docs/benchmarks.md).  Where glibc keeps its
+    heap in huge pages (``glibc.malloc.hugetlb=1``) it trims in 2 MiB steps, and stage 1
+    faulted only on its first call by default.
     The cost: freed memory under 1 GiB of heap top stays with the process (its RSS is its
     high-water mark), as a long-running service wants anyway.  Other C libraries (musl) or
     platforms: nothing is changed and False is returned."""

@@ -61,25 +61,71 @@ for r in range(8):
 print(json.dumps(out))
 """
 
+# glibc's trimming itself, with a known history: one 4 MiB block freed (glibc's default
+# then serves blocks up to 4 MiB from the heap and trims its free top past 8 MiB), then
+# rounds that take 12 MiB from the heap's top and free it.  Page faults per round.
+_TRIM = """
+import json, resource, sys
+if sys.argv[1] == "tuned":
+    from daemon.service import tune_malloc
+    assert tune_malloc()
+import numpy as np
+MB = 1 << 20
+x = np.ones(4 * MB, np.uint8)
+del x
+out = []
+for r in range(6):
+    a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    bufs = [np.ones(3 * MB, np.uint8) for _ in range(4)]
+    del bufs
+    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a)
+print(json.dumps(out))
+"""
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt is glibc's; elsewhere tune_malloc changes nothing (and says so)")
+
+def _faults(script: str, *args: str) -> np.ndarray:
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    return np.array(json.loads(r.stdout))
+
+
+def _malloc_setting() -> dict:
+    """What decides glibc's trimming and page size on this machine, for failure messages."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return {"thp": thp.read_text().strip() if thp.exists() else None, "libc": platform.libc_ver(),
+            **{k: v for k, v in os.environ.items() if k.startswith(("GLIBC_TUNABLES", "MALLOC_", "LD_PRELOAD"))}}
+
+
+_GLIBC = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                            reason="mallopt is glibc's; elsewhere tune_malloc changes nothing (and says so)")
+
+
+@_GLIBC
+def test_tuned_malloc_stops_the_heap_being_given_back():
+    """What ``tune_malloc`` changes, on a history that shows it on any glibc: by default
+    the freed 12 MiB are trimmed off the heap and faulted in again every round (2272 faults
+    a round with 4 KiB pages; 5 with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, where the
+    heap is in 2 MiB huge pages); tuned, the heap keeps them: no faults after round 1."""
+    default, tuned = _faults(_TRIM, "default"), _faults(_TRIM, "tuned")
+    assert (default[1:] > 0).all(), (default, _malloc_setting())
+    assert (tuned[1:] == 0).all(), (tuned, _malloc_setting())
+
+
+@_GLIBC
 def test_tuned_malloc_keeps_stage_one_off_fresh_pages(tmp_path):
-    """With glibc's default, each stage-1 call on a 1024x1024 16-bit frame maps and faults
-    in fresh pages for its large arrays (224 faults per call measured); ``tune_malloc``
-    (the daemon's ``pipeline.malloc_tuning``) serves them from the heap: no faults after
-    the first calls."""
+    """Stage 1 on 1024x1024 16-bit frames, tuned (the daemon's ``pipeline.malloc_tuning``):
+    no page faults after the first calls, and never more than with glibc's default.
+    How many the default takes depends on the machine: 224 on every call with 4 KiB heap
+    pages (glibc 2.36 and 2.39, measured), 1 then 0 where glibc keeps its heap in huge
+    pages and trims in 2 MiB steps (``glibc.malloc.hugetlb=1``; a CI machine showed the
+    same), so the default's count is reported, not asserted."""
     path = tmp_path / "frames.npy"
     np.save(path, np.stack([make_phantom(np.random.SeedSequence([5150, i]), "normal", (1024, 1024), 16).image
                             for i in range(3)]))
-    faults = {}
-    for variant in ("default", "tuned"):
-        r = subprocess.run([sys.executable, "-c", _FAULTS, str(path), variant], capture_output=True, text=True,
-                           timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert r.returncode == 0, r.stderr
-        faults[variant] = np.array(json.loads(r.stdout))
-    assert np.median(faults["default"]) > 50, faults["default"]  # the case this setting is for
-    assert np.median(faults["tuned"]) == 0 and faults["tuned"].sum() < 0.05 * faults["default"].sum(), faults
+    default, tuned = _faults(_FAULTS, str(path), "default"), _faults(_FAULTS, str(path), "tuned")
+    assert np.median(tuned) == 0 and tuned.sum() <= max(2, 0.05 * default.sum()), (tuned, default, _malloc_setting())
+    assert tuned.sum() <= default.sum(), (tuned, default, _malloc_setting())
 
 
 def _messages(sock, until: str, timeout: float) -> list[str]:
