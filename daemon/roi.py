@@ -671,7 +671,10 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     row that never turns bright is followed to the end of the search only when its dark
     rows at ``end`` are at most ``max_layer`` rows thick (about a layer pitch): a long
     anode that runs into the field of view's dark rim or past the reach; a bar or tray
-    along the layers that runs into a can wall is thicker than a layer and is not.  Only
+    along the layers that runs into a can wall is thicker than a layer and is not.  Nor is
+    a thin one when the wall is bright again past it within the search: that is the can
+    wall facing the tips, which no layer reaches (the rim stays dark), and a row that runs
+    into it is the can's thin bar beside the stack, meeting it in an L.  Only
     the rows ``keep`` selects are followed (the stack's, when they are known); the walls
     and the thickness of the dark runs are judged on all rows.  Returns the column where
     the band ends."""
@@ -679,8 +682,12 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     if seg.size == 0:
         return end
     dark = seg < 0.5 * (body + background)  # (R, C)
-    walls = np.flatnonzero(dark.sum(axis=0) >= wall_frac * len(seg))
+    walled = dark.sum(axis=0) >= wall_frac * len(seg)
+    walls = np.flatnonzero(walled)
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
+    # a can wall is bright again past it (the field of view's dark rim is not): a row that
+    # runs into it without turning bright is a bar of the can, not a layer
+    can_wall = cw < seg.shape[1] and not walled[cw:].all()
     if cw == 0:
         return end
     near = _grow_rows(dark[:, :cw])
@@ -692,7 +699,7 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     thin[sel[:, 1]] -= 1
     thin = _grow_rows(np.cumsum(thin[:-1]) > 0)  # (R,) rows of a dark run no thicker than
     # a layer, and their neighbours (the hop above)
-    follow = ((run > 0) & ((run < cw) | thin))[keep]
+    follow = ((run > 0) & ((run < cw) | (thin & (not can_wall))))[keep]
     return end + (int(run[keep][follow].max()) if follow.any() else 0)
 
 

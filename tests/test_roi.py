@@ -288,7 +288,8 @@ def test_lone_layers_follow_layers_not_bars_that_run_into_a_wall():
     runs into a wall across the layers never ends in background and is not followed,
     though it is as few rows as a long anode.  A thin long anode slightly tilted against
     the window's rows (hopping from row to row) is followed to its end in background, and
-    a thin one that runs into the wall is followed up to the wall."""
+    a thin one that runs into the wall is followed up to the wall: the wall is dark up to
+    the end of the search, as the field of view's dark rim is."""
     from daemon.roi import _lone_layers_end
 
     rows = np.full((100, 120), 220, np.uint8)
@@ -305,6 +306,25 @@ def test_lone_layers_follow_layers_not_bars_that_run_into_a_wall():
     # ends where the tilted layer in rows 60-62 does; without rows 59 on, nothing is followed
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 79)) == 80
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 59)) == 40
+
+
+def test_lone_layers_stop_at_a_can_wall_that_is_bright_past_it():
+    """A row as thin as a layer that runs into a wall across the layers without turning
+    bright is not followed when the wall is bright again past it (a can wall: the row is
+    the can's thin bar along the layers, which meets the wall in an L); layers that end in
+    background before the wall still are.  Where the wall stays dark to the end of the
+    search (the field of view's rim), the thin row is followed up to it, as before."""
+    from daemon.roi import _lone_layers_end
+
+    rows = np.full((100, 120), 220, np.uint8)
+    rows[:, :40] = 30  # the band's stack up to column 40
+    rows[:, 70:76] = 35  # a can wall across every row, background past it
+    rows[10:12, 40:70] = 38  # the can's 2-row bar along the layers, into the wall
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 40
+    rows[60:62, 40:55] = 40  # a long anode, 2 rows, ending in background at column 55
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 55
+    rows[:, 70:] = 20  # the same rows running into the field of view's rim: dark to the end
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 70
 
 
 def _stack_beside_a_wall() -> np.ndarray:
