@@ -62,6 +62,9 @@ SOLID = 0.3  # share of the band's columns: a row dark over at least this much o
 MIN_LAYER_STEP = 32.0  # grey levels between the body behind the band and the background past it
 MAX_LAYER = 7.0  # profile px: the thickest run of rows taken for one layer when no pitch is
 # known (detect_roi passes its own: the chain's pitch, clipped to 3-6, + 1)
+TRAY_ROWS = 0.4  # share of the rows: a dark run at least this long is the stack, not a tray beside it
+TRAY_ONLY = 0.1  # x the body/background step: a later rising step whose rows outside a thick dark
+# run rise less than this on average is a tray's end (layer steps: 0.3-0.45 on the development frames)
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -374,6 +377,19 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return (m[1:] != m[:-1]).nonzero()[0].reshape(-1, 2)  # edges alternate: start, end
 
 
+def _run_rows(mask: np.ndarray, width: float, thicker: bool = False) -> np.ndarray:
+    """``(R,) bool``: the rows of ``mask``'s runs no thicker than ``width`` rows (or, with
+    ``thicker``, only those thicker than it but under ``TRAY_ROWS`` of all rows: a tray
+    beside the stack; a run that long is the stack itself, its layers unresolved)."""
+    runs = _runs(mask)  # (K, 2), disjoint: no index repeats
+    th = runs[:, 1] - runs[:, 0]
+    sel = runs[((th > width) & (th < TRAY_ROWS * len(mask))) if thicker else (th <= width)]
+    edge = np.zeros(len(mask) + 1, np.int32)
+    edge[sel[:, 0]] += 1
+    edge[sel[:, 1]] -= 1
+    return np.cumsum(edge[:-1]) > 0
+
+
 def _group_runs(runs: np.ndarray, join: float) -> tuple[np.ndarray, np.ndarray]:
     """``(starts, ends)``, each ``(G,)``: the runs ``(R, 2)`` (sorted, R >= 1) joined into
     groups wherever the gap between two runs is smaller than ``join``."""
@@ -510,7 +526,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     cv = _densest_span(q[:, 1], gap_v)
     v0, v1 = int(max(cv[0], 0)), int(min(cv[1] + 1, win.shape[0]))
     max_layer = gap_v / 4 + 1  # profile px: a layer pitch and one row (gap_v is four pitches)
-    steps = _u_steps(win, v0, v1, cu)
+    steps = _u_steps(win, v0, v1, cu, max_layer=max_layer)
     if steps is None:
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
     band_end, levels = steps[1], steps[2:]
@@ -574,14 +590,14 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     layers past its end (``_lone_layers_end``) in rows ``[v0, v1)``; ``None`` if no band.
     ``detect_roi`` runs the two parts itself: it follows the long layers again once the
     stack's rows are known."""
-    steps = _u_steps(win, v0, v1, anchor)
+    steps = _u_steps(win, v0, v1, anchor, max_layer=max_layer)
     if steps is None:
         return None
     start, end, body, background = steps
     return start, float(_lone_layers_end(win[v0:v1], end, body, background, max_layer=max_layer))
 
 
-def _u_steps(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, int, float, float] | None:
+def _u_steps(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_LAYER) -> tuple[float, int, float, float] | None:
     """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
 
     The intensity accumulated over the stack rises at the cathode ends (body -> band) and
@@ -649,8 +665,23 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor) -> tuple[float, int, flo
         def layers_on(a: int, b: int) -> bool:
             return b <= a or _quantile(e[a:b], 0.5) >= LAYER_ENERGY * band_e  # the median
 
+        mid = 0.5 * (body + background)
+
+        def tray_end(k: int) -> bool:
+            # the next step rises in rows of a dark run thicker than two layer pitches at
+            # step k's end (by over a quarter of the body/background step on average) and
+            # hardly anywhere else (under ``TRAY_ONLY`` of it): the end of a tray or bar
+            # beside the stack, past the tips; where layers end, their rows rise too
+            c0, c1 = min(pos[k, 1], last), min(pos[k + 1, 1], last)
+            at = rows[:, c0].astype(np.float32)  # (R,)
+            rise = cv2.reduce(rows[:, c0:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - at  # (R,)
+            thick = _run_rows(at < mid, 2.0 * max_layer, thicker=True)  # (R,)
+            amp = background - body
+            return bool(thick.any()) and float(rise[thick].mean()) > 0.25 * amp \
+                and (thick.all() or float(rise[~thick].mean()) < TRAY_ONLY * amp)
+
         while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
-                and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]):
+                and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]) and not tray_end(hi_i):
             hi_i += 1
     return float(pos[lo_i, 0]), int(pos[hi_i, 1]), body, background
 
@@ -682,7 +713,10 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     if seg.size == 0:
         return end
     dark = seg < 0.5 * (body + background)  # (R, C)
-    walled = dark.sum(axis=0) >= wall_frac * len(seg)
+    # a dark run at ``end`` thicker than two layers is a tray or bar beside the stack: not
+    # followed, wherever it ends, and not a wall across the layers either
+    tray = _run_rows(dark[:, 0], 2.0 * max_layer, thicker=True)  # (R,)
+    walled = dark[~tray].sum(axis=0) >= wall_frac * len(seg)
     walls = np.flatnonzero(walled)
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
     # a can wall is bright again past it (the field of view's dark rim is not): a row that
@@ -692,14 +726,12 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
         return end
     near = _grow_rows(dark[:, :cw])
     run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
-    at_end = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
-    sel = at_end[(at_end[:, 1] - at_end[:, 0]) <= max_layer]  # runs are disjoint: no index repeats
-    thin = np.zeros(len(seg) + 1, np.int32)
-    thin[sel[:, 0]] += 1
-    thin[sel[:, 1]] -= 1
-    thin = _grow_rows(np.cumsum(thin[:-1]) > 0)  # (R,) rows of a dark run no thicker than
-    # a layer, and their neighbours (the hop above)
-    follow = ((run > 0) & ((run < cw) | (thin & (not can_wall))))[keep]
+    # (R,) rows of a dark run at ``end`` no thicker than a layer (``slim``: than two), and
+    # their neighbours (the hop above); rows that end in background are followed unless
+    # they are a tray's or next to one (``near`` spreads a tray's rows by one)
+    thin = _grow_rows(_run_rows(dark[:, 0], max_layer))
+    slim = _grow_rows(_run_rows(dark[:, 0], 2.0 * max_layer))
+    follow = ((run > 0) & (((run < cw) & (slim | ~_grow_rows(tray))) | (thin & (not can_wall))))[keep]
     return end + (int(run[keep][follow].max()) if follow.any() else 0)
 
 

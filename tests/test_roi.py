@@ -259,6 +259,41 @@ def test_u_extent_follows_the_layers_not_a_film_past_the_tips():
         assert 70 <= lo <= 82 and 122 <= hi <= 132, (film_end, lo, hi)
 
 
+def _window_with_tray(tray_rows: int, streak_end: int = 165, long_anode: bool = False) -> np.ndarray:
+    """``_layered_window``'s stack (rows 0-59, anode tips at column 125) with a tray
+    touching it (``tray_rows`` rows below, dark up to column 150: past the tips), faint
+    separator streaks in the gap rows from the tips to ``streak_end``, and optionally a
+    long anode (rows 0-2) ending at column 150."""
+    win = np.full((60 + tray_rows, 220), 226, np.uint8)
+    win[:60] = _layered_window(126)
+    win[60:, :150] = 30
+    gaps = (np.arange(60) // 3) % 2 == 1
+    win[:60][gaps, 125:streak_end] = 200
+    if long_anode:
+        win[0:3, :150] = 20
+    return win
+
+
+def test_u_extent_ends_at_the_tips_not_at_a_tray_that_ends_past_them():
+    """A tray beside the stack that ends past the tips rises at its end in rows of one dark
+    run thicker than two layer pitches: that step is not the band's, and the tray's rows
+    are not followed as long layers either (10 and 16 of 70-76 rows: under and over the
+    20 % that make a wall).  A long anode beside it is still followed to its end, and the
+    band still ends where separator streaks do, a few px past the tips.  A dark run over
+    40 % of the rows is never taken for a tray."""
+    for tray_rows in (10, 16):
+        assert _u_extent(_window_with_tray(tray_rows), 0, 60 + tray_rows, anchor=86, max_layer=4) == (77.0, 129.0)
+        win = _window_with_tray(tray_rows, long_anode=True)
+        assert _u_extent(win, 0, 60 + tray_rows, anchor=86, max_layer=4) == (77.0, 150.0)
+    assert _u_extent(_window_with_tray(10, streak_end=130), 0, 70, anchor=86, max_layer=4) == (77.0, 133.0)
+    # a dark run over 40 % of the rows is the stack itself (its layers unresolved), not a tray
+    from daemon.roi import _run_rows
+    mask = np.zeros(100, bool)
+    mask[5:15] = mask[20:22] = mask[50:95] = True
+    assert np.flatnonzero(_run_rows(mask, 8, thicker=True)).tolist() == list(range(5, 15))
+    assert np.flatnonzero(_run_rows(mask, 8)).tolist() == [20, 21]
+
+
 def test_densest_span_leaves_out_a_fixture_beside_the_stack():
     rng = np.random.default_rng(5)
     stack = np.sort(rng.uniform(100, 180, 30))  # tip corners a few px apart
