@@ -64,7 +64,7 @@ MAX_LAYER = 7.0  # profile px: the thickest run of rows taken for one layer when
 # known (detect_roi passes its own: the chain's pitch, clipped to 3-6, + 1)
 TRAY_ROWS = 0.4  # share of the rows: a dark run at least this long is the stack, not a tray beside it
 TRAY_ONLY = 0.1  # x the body/background step: a later rising step whose rows outside a thick dark
-# run rise less than this on average is a tray's end (layer steps: 0.3-0.45 on the development frames)
+# run rise less than this on average is a tray's end (layer steps: 0.33-0.46 on the development frames)
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -611,7 +611,10 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_L
     the body: a wall, a tray end) stops the search, and so does a stretch without layers
     before the next step (its layer-edge energy, |d/dv| per column, under
     ``LAYER_ENERGY`` x the band's): a film or holder past the anode tips, whose far edge is
-    one more rising step.  Returns ``(start, end, body, background)``: the band's first and
+    one more rising step.  Nor is a step added where the rows of a dark run thicker than
+    ``2 * max_layer`` rows (two layer pitches) brighten and the other rows hardly do
+    (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips.
+    Returns ``(start, end, body, background)``: the band's first and
     last column (before any long layer past it) and the profile's two levels.
     """
     if v1 - v0 < 3:
@@ -678,7 +681,7 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_L
             thick = _run_rows(at < mid, 2.0 * max_layer, thicker=True)  # (R,)
             amp = background - body
             return bool(thick.any()) and float(rise[thick].mean()) > 0.25 * amp \
-                and (thick.all() or float(rise[~thick].mean()) < TRAY_ONLY * amp)
+                and float(rise[~thick].mean()) < TRAY_ONLY * amp  # a thick run is < 40 % of rows
 
         while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
                 and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]) and not tray_end(hi_i):
@@ -705,7 +708,10 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     along the layers that runs into a can wall is thicker than a layer and is not.  Nor is
     a thin one when the wall is bright again past it within the search: that is the can
     wall facing the tips, which no layer reaches (the rim stays dark), and a row that runs
-    into it is the can's thin bar beside the stack, meeting it in an L.  Only
+    into it is the can's thin bar beside the stack, meeting it in an L.  A dark run at
+    ``end`` thicker than ``2 * max_layer`` rows (and under ``TRAY_ROWS`` of them) is a
+    tray beside the stack: it is not followed even where it ends in background, and it
+    does not count towards a wall, so a long anode beside it still is.  Only
     the rows ``keep`` selects are followed (the stack's, when they are known); the walls
     and the thickness of the dark runs are judged on all rows.  Returns the column where
     the band ends."""
