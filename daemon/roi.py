@@ -377,11 +377,12 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return (m[1:] != m[:-1]).nonzero()[0].reshape(-1, 2)  # edges alternate: start, end
 
 
-def _run_rows(mask: np.ndarray, width: float, thicker: bool = False) -> np.ndarray:
+def _run_rows(mask: np.ndarray, width: float, thicker: bool = False, runs: np.ndarray | None = None) -> np.ndarray:
     """``(R,) bool``: the rows of ``mask``'s runs no thicker than ``width`` rows (or, with
     ``thicker``, only those thicker than it but under ``TRAY_ROWS`` of all rows: a tray
-    beside the stack; a run that long is the stack itself, its layers unresolved)."""
-    runs = _runs(mask)  # (K, 2), disjoint: no index repeats
+    beside the stack; a run that long is the stack itself, its layers unresolved).
+    ``runs``: ``_runs(mask)``, when the caller already has it."""
+    runs = _runs(mask) if runs is None else runs  # (K, 2), disjoint: no index repeats
     th = runs[:, 1] - runs[:, 0]
     sel = runs[((th > width) & (th < TRAY_ROWS * len(mask))) if thicker else (th <= width)]
     edge = np.zeros(len(mask) + 1, np.int32)
@@ -597,7 +598,8 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     return start, float(_lone_layers_end(win[v0:v1], end, body, background, max_layer=max_layer))
 
 
-def _u_steps(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_LAYER) -> tuple[float, int, float, float] | None:
+def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
+             max_layer: float = MAX_LAYER) -> tuple[float, int, float, float] | None:
     """Body -> band -> background steps along u of the de-rotated window ``(Hw, Ww)``.
 
     The intensity accumulated over the stack rises at the cathode ends (body -> band) and
@@ -721,7 +723,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     dark = seg < 0.5 * (body + background)  # (R, C)
     # a dark run at ``end`` thicker than two layers is a tray or bar beside the stack: not
     # followed, wherever it ends, and not a wall across the layers either
-    tray = _run_rows(dark[:, 0], 2.0 * max_layer, thicker=True)  # (R,)
+    at_end = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
+    tray = _run_rows(dark[:, 0], 2.0 * max_layer, thicker=True, runs=at_end)  # (R,)
     walled = dark[~tray].sum(axis=0) >= wall_frac * len(seg)
     walls = np.flatnonzero(walled)
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
@@ -735,8 +738,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     # (R,) rows of a dark run at ``end`` no thicker than a layer (``slim``: than two), and
     # their neighbours (the hop above); rows that end in background are followed unless
     # they are a tray's or next to one (``near`` spreads a tray's rows by one)
-    thin = _grow_rows(_run_rows(dark[:, 0], max_layer))
-    slim = _grow_rows(_run_rows(dark[:, 0], 2.0 * max_layer))
+    thin = _grow_rows(_run_rows(dark[:, 0], max_layer, runs=at_end))
+    slim = _grow_rows(_run_rows(dark[:, 0], 2.0 * max_layer, runs=at_end))
     follow = ((run > 0) & (((run < cw) & (slim | ~_grow_rows(tray))) | (thin & (not can_wall))))[keep]
     return end + (int(run[keep][follow].max()) if follow.any() else 0)
 
