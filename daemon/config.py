@@ -62,7 +62,9 @@ class RoiConfig(Strict):
 
     n_corners: int = Field(512, ge=64, le=1024, description="N: size of the corner set Q for the fusion")
     coarse_side: int = Field(512, ge=256, le=2048, description="longest side of the coarse detection image")
-    margin_px: float = Field(24.0, ge=0, le=256, description="added to every side of the detected band")
+    margin_behind_px: float = Field(16.0, ge=0, le=256, description="added behind the band (the stack body's end)")
+    margin_ahead_px: float = Field(24.0, ge=0, le=256, description="added past the band's end, ahead of the tips")
+    margin_across_px: float = Field(12.0, ge=0, le=256, description="added to both of the stack's outer edges")
     fast_threshold: int = Field(10, ge=1, le=100, description="FAST threshold on the 8-bit window (coarse)")
     fast_threshold_full: int = Field(12, ge=1, le=100, description="FAST threshold at full resolution (Q)")
     low_percentile: float = Field(0.5, ge=0, lt=50, description="robust window: dark end")
@@ -71,7 +73,9 @@ class RoiConfig(Strict):
     def params(self):
         from .roi import RoiParams
 
-        return RoiParams(n_corners=self.n_corners, coarse_side=self.coarse_side, margin_px=self.margin_px,
+        return RoiParams(n_corners=self.n_corners, coarse_side=self.coarse_side,
+                         margin_behind_px=self.margin_behind_px,
+                         margin_ahead_px=self.margin_ahead_px, margin_across_px=self.margin_across_px,
                          fast_threshold=self.fast_threshold, fast_threshold_full=self.fast_threshold_full,
                          percentiles=(self.low_percentile, self.high_percentile))
 

@@ -20,7 +20,8 @@ Pipeline for one frame (all pure functions; I/O-free):
    the band gives the stack's extent along v, clamped to the rows that end like layers
    (dark behind the band, bright past it: not a wall or bar beside the stack).  The ROI
    bounds are the outer ends of the strongest transitions of the smoothed derivatives,
-   plus ``margin_px``.
+   plus a margin on each side: ``margin_behind_px``, ``margin_ahead_px`` (past the band's
+   end, the least certain bound) and ``margin_across_px``.
 6. Full resolution inside the ROI: FAST, top ``n_corners`` (N) by response, orientation,
    one ``cv2.cornerSubPix`` step -> Q ``(N, 2)``.
 
@@ -78,7 +79,15 @@ class RoiParams:
     fast_probe_threshold: int = 20  # coarse FAST probe (speed only: the result does not depend on it)
     fast_threshold_full: int = 12  # FAST threshold at full resolution
     percentiles: tuple[float, float] = (0.5, 99.5)
-    margin_px: float = 24.0  # added to every side of the transitions, full-resolution px
+    # margins added to the transitions, full-resolution px (docs/design.md, step 5).  Behind
+    # the band and across the stack the bounds (the body's end, the stack's outer edges) lie
+    # outside a good cell's tips already, but for rare frames (of 2400: a ragged line of
+    # cathode ends, one tip 3.5 px behind the body's end; a stack edge 2.2 px inside the
+    # outermost tip); ahead, the band's end is the least certain bound (the farthest tip up
+    # to 12 px past it)
+    margin_behind_px: float = 16.0
+    margin_ahead_px: float = 24.0
+    margin_across_px: float = 12.0
     min_corners: int = 6  # fewer corners in the cluster: no band (a 9-layer stack has 9 tips)
     strong_frac: float = 0.25  # coarse corners kept for clustering: response >= this x the 8th-best
     min_coherence: float = 0.08  # structure-tensor coherence below this: no layer direction, no band
@@ -554,10 +563,9 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
 
     # window coords -> full-resolution image
     scale = f * fp
-    m = p.margin_px
-    u0, u1 = (np.array(ext_u) - lu) * scale
-    v0f, v1f = (np.array(ext_v) - lv) * scale
-    size = (float(u1 - u0 + 2 * m), float(v1f - v0f + 2 * m))
+    u0, u1 = (np.array(ext_u) - lu) * scale + (-p.margin_behind_px, p.margin_ahead_px)
+    v0f, v1f = (np.array(ext_v) - lv) * scale + (-p.margin_across_px, p.margin_across_px)
+    size = (float(u1 - u0), float(v1f - v0f))
     mid = np.array([(u0 + u1) / 2, (v0f + v1f) / 2])
     c_full = (c_p + 0.5) * scale - 0.5 + R @ mid
     res = RoiResult(ok=True, direction=direction, angle_deg=phi, centre=c_full, size=size, window=(lo, hi))

@@ -60,9 +60,10 @@ def test_duplicate_keys_are_errors(tmp_path):
 
 
 def test_roi_section_builds_the_stage_parameters(tmp_path):
-    cfg = _load(tmp_path, "roi:\n  n_corners: 256\n  margin_px: 16\n")
+    cfg = _load(tmp_path, "roi:\n  n_corners: 256\n  margin_ahead_px: 16\n")
     p = cfg.roi.params()
-    assert p.n_corners == 256 and p.margin_px == 16.0 and p.percentiles == (0.5, 99.5)
+    assert p.n_corners == 256 and p.percentiles == (0.5, 99.5)
+    assert (p.margin_behind_px, p.margin_ahead_px, p.margin_across_px) == (16.0, 16.0, 12.0)
 
 
 def test_env_overrides(tmp_path):
