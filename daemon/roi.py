@@ -56,6 +56,10 @@ GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the
 LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at least this
 # share of the band's: the layers go on, so does the band; less is a film, a holder or
 # bare background past the tips, whose far edge is one more rising step
+LAYER_ANISO = 2.0  # where under 2 x LAYER_ENERGY, also at least this x the energy along the
+# layers (|d/du|): layers run along u, while a grey block or film past the tips is as rough
+# both ways (its noise); strong layer energy passes alone (a layer angle a few degrees off
+# makes layers rough along u too)
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
 SOLID = 0.3  # share of the band's columns: a row dark over at least this much of the band is
@@ -675,8 +679,14 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         e = _smooth(cv2.reduce(cv2.absdiff(rows[1:], rows[:-1]), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
         band_e = float(e[pos[lo_i, 0]:pos[i, 1]].max())
 
-        def layers_on(a: int, b: int) -> bool:
-            return b <= a or _quantile(e[a:b], 0.5) >= LAYER_ENERGY * band_e  # the median
+        e_u = _smooth(cv2.reduce(cv2.absdiff(rows[:, 1:], rows[:, :-1]), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
+
+        def layers_on(a: int, b: int) -> bool:  # medians over the columns between the steps
+            if b <= a:
+                return True
+            e_v = _quantile(e[a:b], 0.5)
+            return e_v >= LAYER_ENERGY * band_e and (e_v >= 2 * LAYER_ENERGY * band_e
+                                                     or e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5))
 
         mid = 0.5 * (body + background)
 

@@ -294,6 +294,19 @@ def test_u_extent_follows_the_layers_not_a_film_past_the_tips():
         assert 70 <= lo <= 82 and 122 <= hi <= 132, (film_end, lo, hi)
 
 
+def test_u_extent_does_not_take_a_noisy_film_for_layers():
+    """A film past the tips is as rough along the layers as across them (its noise); the
+    anodes' layers are rough across them only.  With noise whose energy across the layers
+    passes the layer-energy share alone (``LAYER_ENERGY``), the film's far edge is still
+    not the band's end."""
+    for film_end in (170, 126):
+        for seed in range(3):
+            rng = np.random.default_rng([413, seed])
+            win = (_layered_window(film_end) + rng.normal(0.0, 6.0, (60, 220))).clip(0, 255).round().astype(np.uint8)
+            lo, hi = _u_extent(win, 0, 60, anchor=86)
+            assert 70 <= lo <= 82 and 122 <= hi <= 132, (film_end, seed, lo, hi)
+
+
 def _window_with_tray(tray_rows: int, streak_end: int = 165, long_anode: bool = False) -> np.ndarray:
     """``_layered_window``'s stack (rows 0-59, anode tips at column 125) with a tray
     touching it (``tray_rows`` rows below, dark up to column 150: past the tips), faint
