@@ -624,8 +624,9 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     object in between (a strong falling transition that sinks more than halfway back to
     the body: a wall, a tray end) stops the search, and so does a stretch without layers
     before the next step (its layer-edge energy, |d/dv| per column, under
-    ``LAYER_ENERGY`` x the band's): a film or holder past the anode tips, whose far edge is
-    one more rising step.  Nor is a step added where the rows of a dark run thicker than
+    ``LAYER_ENERGY`` x the band's, or under twice that and not ``LAYER_ANISO`` x its
+    energy along the layers, |d/du|: noise is as rough both ways): a film, holder or grey
+    block past the anode tips, whose far edge is one more rising step.  Nor is a step added where the rows of a dark run thicker than
     ``2 * max_layer`` rows (two layer pitches) brighten and the other rows hardly do
     (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips.
     Returns ``(start, end, body, background)``: the band's first and
