@@ -56,10 +56,10 @@ GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the
 LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at least this
 # share of the band's: the layers go on, so does the band; less is a film, a holder or
 # bare background past the tips, whose far edge is one more rising step
-LAYER_ANISO = 2.0  # where under 2 x LAYER_ENERGY, also at least this x the energy along the
-# layers (|d/du|): layers run along u, while a grey block or film past the tips is as rough
-# both ways (its noise); strong layer energy passes alone (a layer angle a few degrees off
-# makes layers rough along u too)
+LAYER_ALONE = 0.2  # ... and where under this share of the band's,
+LAYER_ANISO = 2.0  # also at least this x the energy along the layers (|d/du|): layers run
+# along u, while a grey block or film past the tips is as rough both ways (its noise);
+# strong layer energy passes alone (a layer angle 10 deg off makes layers rough along u too)
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
 SOLID = 0.3  # share of the band's columns: a row dark over at least this much of the band is
@@ -383,6 +383,12 @@ def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(np.append(d, -np.inf), runs.ravel())[::2]
 
 
+def _edge_energy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(W,)`` per column: the mean over rows of ``|a - b|`` (two ``(R, W)`` uint8 views
+    one px apart), smoothed along the columns."""
+    return _smooth(cv2.reduce(cv2.absdiff(a, b), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
+
+
 def _runs(mask: np.ndarray) -> np.ndarray:
     """``(R, 2)`` [start, end) of the True runs of a 1-D bool array."""
     m = np.zeros(len(mask) + 2, bool)
@@ -624,9 +630,10 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     object in between (a strong falling transition that sinks more than halfway back to
     the body: a wall, a tray end) stops the search, and so does a stretch without layers
     before the next step (its layer-edge energy, |d/dv| per column, under
-    ``LAYER_ENERGY`` x the band's, or under twice that and not ``LAYER_ANISO`` x its
-    energy along the layers, |d/du|: noise is as rough both ways): a film, holder or grey
-    block past the anode tips, whose far edge is one more rising step.  Nor is a step added where the rows of a dark run thicker than
+    ``LAYER_ENERGY`` x the band's, or under ``LAYER_ALONE`` x and not ``LAYER_ANISO`` x
+    its energy along the layers, |d/du|: noise is as rough both ways): a film, holder or
+    grey block past the anode tips, whose far edge is one more rising step.  Nor is a step
+    added where the rows of a dark run thicker than
     ``2 * max_layer`` rows (two layer pitches) brighten and the other rows hardly do
     (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips.
     Returns ``(start, end, body, background)``: the band's first and
@@ -677,16 +684,16 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         # layer-edge energy per column: the band's layers give it, a film or bare background
         # past the tips does not
         rows = win[v0:v1]
-        e = _smooth(cv2.reduce(cv2.absdiff(rows[1:], rows[:-1]), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
+        e = _edge_energy(rows[1:], rows[:-1])  # (W,) across the layers
         band_e = float(e[pos[lo_i, 0]:pos[i, 1]].max())
 
-        e_u = _smooth(cv2.reduce(cv2.absdiff(rows[:, 1:], rows[:, :-1]), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
+        e_u = _edge_energy(rows[:, 1:], rows[:, :-1])  # (W - 1,) along them
 
         def layers_on(a: int, b: int) -> bool:  # medians over the columns between the steps
             if b <= a:
                 return True
             e_v = _quantile(e[a:b], 0.5)
-            return e_v >= LAYER_ENERGY * band_e and (e_v >= 2 * LAYER_ENERGY * band_e
+            return e_v >= LAYER_ENERGY * band_e and (e_v >= LAYER_ALONE * band_e
                                                      or e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5))
 
         mid = 0.5 * (body + background)
