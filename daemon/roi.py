@@ -754,11 +754,11 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     walled = dark[~tray].sum(axis=0) >= wall_frac * len(seg)
     walls = np.flatnonzero(walled)
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
+    if cw == 0:
+        return end
     # a can wall is bright again past it (the field of view's dark rim is not): a row that
     # runs into it without turning bright is a bar of the can, not a layer
     can_wall = cw < seg.shape[1] and not walled[cw:].all()
-    if cw == 0:
-        return end
     near = _grow_rows(dark[:, :cw])
     run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
     # (R,) rows of a dark run at ``end`` no thicker than a layer (``slim``: than two), and
