@@ -70,6 +70,8 @@ MAX_LAYER = 7.0  # profile px: the thickest run of rows taken for one layer when
 TRAY_ROWS = 0.4  # share of the rows: a dark run at least this long is the stack, not a tray beside it
 TRAY_ONLY = 0.1  # x the body/background step: a later rising step whose rows outside a thick dark
 # run rise less than this on average is a tray's end (layer steps: 0.33-0.46 on the development frames)
+AXIS_REACH = 15.0  # deg: the layers' strongest edge direction is searched this far from the tensor's axis
+AXIS_WIDTH = 6.0  # deg: ... and refined with the gradients this close to it
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -320,22 +322,20 @@ def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
 
 
 # --------------------------------------------------------------------------- geometry
-def layer_axis_angle(g: np.ndarray, centre: np.ndarray, half: int) -> tuple[float, float]:
-    """Direction of the layers around ``centre`` from the structure tensor.
-
-    Returns ``(angle, coherence)``: angle in radians in ``(-pi/2, pi/2]`` of the layer axis
-    (perpendicular to the dominant gradient), coherence in [0, 1].
-    """
+def _centre_gradients(g: np.ndarray, centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel ``gx, gy`` of the ``(2 half + 1)``-px square patch of ``g`` around ``centre``
+    (clipped to the image), each ``(P,)`` float32: the layers around the band's centre."""
     x, y = np.rint(centre).astype(int)
     y0, y1 = max(y - half, 0), min(y + half + 1, g.shape[0])
     x0, x1 = max(x - half, 0), min(x + half + 1, g.shape[1])
     patch = g[y0:y1, x0:x1].astype(np.float32)
-    return _tensor_axis(cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3))
+    return (cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3).ravel(), cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3).ravel())
 
 
 def _tensor_axis(gx: np.ndarray, gy: np.ndarray) -> tuple[float, float]:
     """Structure tensor of gradients ``gx, gy`` (any equal shapes) -> ``(axis, coherence)``:
-    the axis perpendicular to the dominant gradient, in ``(-pi/2, pi/2]``."""
+    the layer axis in radians in ``(-pi/2, pi/2]``, perpendicular to the gradients' mean
+    direction, and the coherence in [0, 1]."""
     jxx, jyy, jxy = float((gx * gx).sum()), float((gy * gy).sum()), float((gx * gy).sum())
     grad = 0.5 * math.atan2(2 * jxy, jxx - jyy)
     coh = math.hypot(jxx - jyy, 2 * jxy) / max(jxx + jyy, 1e-9)
@@ -345,18 +345,51 @@ def _tensor_axis(gx: np.ndarray, gy: np.ndarray) -> tuple[float, float]:
     return axis, coh
 
 
-def layer_axis_at_corners(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tuple[float, float]:
-    """Layer axis from the structure tensor summed over small patches around corners.
+def _corner_gradients(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Central-difference ``gx, gy`` in the ``(2r+1)``-px patches around ``pts`` ``(K, 2)``,
+    each ``(K (2r+1)^2,)`` float32; one gather of ``(K, 2r+3, 2r+3)``.
 
     Around a tip the layer's own long edges and its neighbours' dominate; a fixture's
     corner has two perpendicular edges and adds no coherent direction, and a wall next to
-    the band covers only the few patches that touch it.  Returns ``(angle, coherence)``
-    like ``layer_axis_angle``.  ``pts`` ``(K, 2)``; one gather of ``(K, 2r+3, 2r+3)``.
-    """
+    the band covers only the few patches that touch it."""
     patch = square_patches(g, pts, radius + 1).astype(np.float32)  # (K, 2r+3, 2r+3)
     gx = 0.5 * (patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])
     gy = 0.5 * (patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1])
-    return _tensor_axis(gx, gy)
+    return gx.ravel(), gy.ravel()
+
+
+def dominant_axis(gx: np.ndarray, gy: np.ndarray, axis0: float, reach: float = AXIS_REACH,
+                  width: float = AXIS_WIDTH) -> float:
+    """The layer axis (radians, in ``(-pi/2, pi/2]``) nearest ``axis0``: the strongest
+    direction of the gradients ``gx, gy`` ``(P,)`` within ``reach`` degrees of the one
+    ``axis0`` implies, refined by the structure tensor of the gradients within ``width``
+    degrees of it.
+
+    The structure tensor's axis is the gradient energy's mean direction: the layers'
+    long parallel edges pull it, and so does everything else in the patches: rounded or
+    bent tip ends, a needle's taper, a tray's end, a wall at a slant.  Those pulled it
+    up to 10 deg off the layers on development frames; the peak of the gradient-energy
+    histogram (over doubled angles, 1 deg bins, 5 bins smoothed) is the layers' edges
+    themselves.  Only the peak near ``axis0`` counts: a wall can carry more energy than
+    the layers, but across them (90 deg off), and the tensor's coherence has already
+    chosen between those."""
+    jxx, jyy, jxy = gx * gx, gy * gy, gx * gy
+    c, s = jxx - jyy, 2.0 * jxy  # (P,) each: the doubled gradient, of length gx^2 + gy^2
+    nb = 180  # 1 deg bins of the gradient direction (2 deg of the doubled angle)
+    # cv2.phase is in [0, 2 pi]: the factor keeps 2 pi in the last bin
+    idx = (cv2.phase(c, s).ravel() * np.float32((nb - 1e-3) / (2.0 * math.pi))).astype(np.intp)  # (P,)
+    hist = np.bincount(idx, weights=jxx + jyy, minlength=nb)  # (nb,) gradient energy
+    # the bins within ``reach`` of axis0's gradient direction (axis0 + 90 deg)
+    k0 = int(round(math.degrees(axis0) + 90.0))
+    r, w = int(round(reach)), int(round(width))
+    smooth = np.convolve(hist[np.arange(k0 - r - 2, k0 + r + 3) % nb], np.ones(5), "valid")  # (2r+1,)
+    peak = k0 - r + int(np.argmax(smooth))
+    pick = np.zeros(nb, np.float32)
+    pick[np.arange(peak - w, peak + w + 1) % nb] = 1.0
+    on = pick[idx]  # (P,) 1 for the gradients within ``width`` of the peak
+    sc, ss = float(on @ c), float(on @ s)
+    axis = 0.5 * math.atan2(ss, sc) + math.pi / 2
+    return axis - math.pi if axis > math.pi / 2 else axis
 
 
 def _smooth(p: np.ndarray, k: int) -> np.ndarray:
@@ -503,12 +536,15 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     mp = pts[members]  # (Km, 2)
     spread = float((mp.max(0) - mp.min(0)).max())
     half = int(min(max(spread, 16), max(g.shape) // 3))
-    axis, coh = layer_axis_angle(g, centre, min(half, 48))
-    axis_c, coh_c = layer_axis_at_corners(g, mp)
+    grads = _centre_gradients(g, centre, min(half, 48)), _corner_gradients(g, mp)
+    axis, coh = _tensor_axis(*grads[0])
+    axis_c, coh_c = _tensor_axis(*grads[1])
     if coh_c > coh:  # walls or fixtures in the centre patch: trust the corners' surroundings
         axis, coh = axis_c, coh_c
     if coh < p.min_coherence:
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
+    # the tensor's axis is the mean direction; the layers' edges are its strongest one
+    axis = dominant_axis(*grads[0], axis)
     ax = np.array([math.cos(axis), math.sin(axis)])
     angles = ofast_orientation(g, mp, p.orient_radius)
     # Tip direction: the tips' oFAST orientations look at the bright side ahead of them
