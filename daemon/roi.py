@@ -587,17 +587,18 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
     band_end, levels = steps[1], steps[2:]
     ext_u = (steps[0], float(_lone_layers_end(win[v0:v1], band_end, *levels, max_layer=max_layer)))
-    ext_v = _v_extent(win, ext_u, (cv[0], cv[1]))
+    # the tips lie in the band: the chain of tip-like corners there is the stack's anchor
+    # across the layers (the chain before the band was known may run on into the corners
+    # of a fixture or bar beside the stack, outside the band along the layers)
+    inband = (q[:, 0] >= ext_u[0] - 4) & (q[:, 0] <= ext_u[1] + 4)
+    span = _densest_span(q[inband, 1], gap_v) if inband.any() else cv
+    ext_v = _v_extent(win, ext_u, span)
     if ext_v is None:
         return _fail("no_band", "no stack edges across the layers", (lo, hi))
-    # the tips are corners: across the stack the ROI covers the tip-like corners inside the
-    # band up to V_CAP px past the edges (an edge search may stop one layer short
-    # at a tray or wall)
-    inband = (q[:, 0] >= ext_u[0] - 4) & (q[:, 0] <= ext_u[1] + 4)
-    if inband.any():
-        span = _densest_span(q[inband, 1], gap_v)
-        ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
-    ext_v = _layer_rows_span(win, ext_u, ext_v, cv, max_layer=max_layer, tips_v=q[:, 1])
+    # the tips are corners: across the stack the ROI covers the anchor up to V_CAP px past
+    # the edges (an edge search may stop one layer short at a tray or wall)
+    ext_v = (min(ext_v[0], max(span[0], ext_v[0] - V_CAP)), max(ext_v[1], min(span[1], ext_v[1] + V_CAP)))
+    ext_v = _layer_rows_span(win, ext_u, ext_v, span, max_layer=max_layer, tips_v=q[:, 1])
     # long layers are the stack's: where its rows leave out some of the chain's (a bar or
     # wall beside the stack, which may run into the can wall past the tips), they are
     # followed again in the stack's rows only (when any were followed: fewer rows to follow
