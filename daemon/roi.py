@@ -709,10 +709,17 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
 
     lo_i = hi_i = i
     # an earlier step far shallower than the band's steps so far is shading across the
-    # stack behind the band (the field of view's dark rim, vignetting), not layer ends
-    while prof[pos[lo_i, 0]] > body + tol and lo_i > 0 and not blocked(pos[lo_i - 1, 1], pos[lo_i, 0]) \
-            and steep[lo_i - 1] >= STEP_SHALLOW * steep[lo_i:i + 1].max():
-        lo_i -= 1
+    # stack behind the band (the field of view's dark rim, vignetting), not layer ends;
+    # one that also rises less than ``tol`` is neither (a faint edge inside the band:
+    # separator past the cathode ends) and is passed over
+    rise = prof[np.minimum(pos[:, 1], last)] - prof[pos[:, 0]]  # (P,)
+    k = lo_i - 1
+    while prof[pos[lo_i, 0]] > body + tol and k >= 0 and not blocked(pos[k, 1], pos[lo_i, 0]):
+        if steep[k] >= STEP_SHALLOW * steep[lo_i:i + 1].max():
+            lo_i = k
+        elif rise[k] >= tol:
+            break
+        k -= 1
 
     def short_of_background(k: int) -> bool:  # step k ends below the background, another follows
         return prof[min(pos[k, 1], last)] < background - tol and k < len(pos) - 1

@@ -321,6 +321,19 @@ def test_u_extent_stops_at_shading_behind_the_body():
         assert 74 <= lo <= 82 and 108 <= hi <= 118, (anchor, lo, hi)
 
 
+def test_u_extent_passes_over_a_faint_edge_inside_the_band():
+    """A faint rise between the cathode ends and the anode tips (a separator running past
+    the cathode ends) is far shallower than the layer steps, like shading, but rises
+    less than 15 % of the body/background step: it neither joins the band nor stops the
+    search back to the cathode step (a development frame lost its cathode step so, and
+    its ROI cut off every cathode tip)."""
+    # body 31 | cathode step -> 135 | band | faint rise (3 / px) -> 147 | anode step -> 237
+    prof = np.r_[np.full(40, 31.0), np.linspace(31, 135, 16), np.full(27, 135.0), np.linspace(135, 147, 5),
+                 np.full(6, 147.0), np.linspace(147, 237, 12), np.full(60, 237.0)]
+    lo, hi = _u_extent(_window_from_profile(prof), 0, 60, anchor=100)
+    assert 36 <= lo <= 42 and 104 <= hi <= 110, (lo, hi)
+
+
 def _layered_window(film_end: int, film: float = 150.0) -> np.ndarray:
     """A de-rotated window ``(60, 220)``: rows of a stack (3-row layers: anode, gap,
     cathode, gap), the gaps ending at column 80, the cathodes at 88, the anodes at 125;
