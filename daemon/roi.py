@@ -70,7 +70,7 @@ MAX_LAYER = 7.0  # profile px: the thickest run of rows taken for one layer when
 TRAY_ROWS = 0.4  # share of the rows: a dark run at least this long is the stack, not a tray beside it
 TRAY_ONLY = 0.1  # x the body/background step: a later rising step whose rows outside a thick dark
 # run rise less than this on average is a tray's end (layer steps: 0.33-0.46 on the development frames)
-AXIS_REACH = 15.0  # deg: the layers' strongest edge direction is searched this far from the tensor's axis
+AXIS_REACH = 10.0  # deg: the layers' strongest edge direction is searched this far from the tensor's axis
 AXIS_WIDTH = 6.0  # deg: ... and refined with the gradients this close to it
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
