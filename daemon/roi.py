@@ -662,9 +662,11 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     anchor (the tip-like corners' median u), earlier rising transitions are added until one
     starts at the body's level (that is the cathode step) or one is far shallower than the
     band's steps (under ``STEP_SHALLOW`` x the steepest: shading across the stack behind
-    the band, the field of view's dark rim or vignetting; layer ends rise sharply).  Later
-    ones are added until one reaches the background's level (the anode step); a dark
-    object in between (a strong falling transition that sinks more than halfway back to
+    the band, the field of view's dark rim or vignetting; layer ends rise sharply); such a
+    run that also rises less than 15 % of the body/background step is a faint edge inside
+    the band (a separator past the cathode ends) and is passed over.  Later ones are
+    added until one reaches the background's level (the anode step); a dark object in
+    between (a strong falling transition that sinks more than halfway back to
     the body: a wall, a tray end) stops the search, and so does a stretch without layers
     before the next step (its layer-edge energy, |d/dv| per column, under
     ``LAYER_ENERGY`` x the band's, or under ``LAYER_ALONE`` x and not ``LAYER_ANISO`` x

@@ -159,7 +159,8 @@ def test_the_stack_is_anchored_on_the_tip_corners_inside_the_band(root, preset, 
     the corners of a fixture, a can bar or a tray beside the stack, through corners past
     the band (where the bar meets the can's wall), and the ROI followed it: these
     development frames were 3.08-3.69x their tips' box with the chain of all the corners
-    (30-130 px of background across), 2.04-2.52x now."""
+    (100-167 px from the outermost tip to the ROI's edge across, the 12 px margin
+    included), 2.04-2.52x now."""
     ph = P.make_phantom(np.random.SeedSequence([root, i]), preset, (1024, 1024), 16)
     res = detect_roi(ph.image)
     _check(ph, res)
