@@ -416,10 +416,11 @@ def _run_max(d: np.ndarray, runs: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(np.append(d, -np.inf), runs.ravel())[::2]
 
 
-def _edge_energy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(W,)`` per column: the mean over rows of ``|a - b|`` (two ``(R, W)`` uint8 views
-    one px apart), smoothed along the columns."""
-    return _smooth(cv2.reduce(cv2.absdiff(a, b), 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 5)
+def _edge_energy(a: np.ndarray, b: np.ndarray, per_row: bool = False, k: int = 5) -> np.ndarray:
+    """``|a - b|`` (two ``(R, W)`` uint8 views one px apart) averaged over the rows, ``(W,)``
+    per column (or with ``per_row`` over the columns, ``(R,)`` per row), smoothed over
+    ``k``."""
+    return _smooth(cv2.reduce(cv2.absdiff(a, b), 1 if per_row else 0, cv2.REDUCE_AVG, dtype=cv2.CV_32F), k)
 
 
 def _runs(mask: np.ndarray) -> np.ndarray:
@@ -835,7 +836,7 @@ def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int 
     if b - a < 2:
         return None
     band = win[:, a:b]
-    e = _smooth(cv2.reduce(cv2.absdiff(band[1:], band[:-1]), 1, cv2.REDUCE_AVG, dtype=cv2.CV_32F), 3)  # e[i]: rows i, i+1
+    e = _edge_energy(band[1:], band[:-1], per_row=True, k=3)  # (Hw - 1,) e[i]: rows i, i+1
     lo_a, hi_a = int(max(anchor[0], 0)), int(min(anchor[1] + 1, len(e)))
     if hi_a - lo_a < 2:
         return None
