@@ -823,7 +823,9 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     along the layers that runs into a can wall is thicker than a layer and is not.  Nor is
     a thin one when the wall is bright again past it within the search: that is the can
     wall facing the tips, which no layer reaches (the rim stays dark), and a row that runs
-    into it is the can's thin bar beside the stack, meeting it in an L.  A dark run at
+    into it is the can's thin bar beside the stack, meeting it in an L; the other rows of
+    its dark run at ``end`` (its blurred edges, which turn bright a little before the
+    wall) and their neighbours are not followed either.  A dark run at
     ``end`` thicker than ``2 * max_layer`` rows (and under ``TRAY_ROWS`` of them) is a
     tray beside the stack: it is not followed even where it ends in background, and it
     does not count towards a wall, so a long anode beside it still is.  Only
@@ -853,7 +855,17 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     # they are a tray's or next to one (``near`` spreads a tray's rows by one)
     thin = _grow_rows(_run_rows(dark[:, 0], max_layer, runs=at_end))
     slim = _grow_rows(_run_rows(dark[:, 0], 2.0 * max_layer, runs=at_end))
-    follow = ((run > 0) & (((run < cw) & (slim | ~_grow_rows(tray))) | (thin & (not can_wall))))[keep]
+    follow = (run > 0) & (((run < cw) & (slim | ~_grow_rows(tray))) | (thin & (not can_wall)))
+    if can_wall and len(at_end):
+        # a dark run at ``end`` with a row that runs into the can wall is the can's bar
+        # meeting it: its blurred edge rows (and their neighbours, by the hop) turn bright
+        # a little before the wall, and are no layers either
+        r = np.arange(len(run))
+        k = np.searchsorted(at_end[:, 0], r, side="right") - 1  # (R,) the run at ``end`` a row may be in
+        inrun = (k >= 0) & (r < at_end[np.maximum(k, 0), 1])
+        into = np.bincount(k[inrun], weights=run[inrun] >= cw, minlength=len(at_end)) > 0  # (K,)
+        follow &= ~_grow_rows(inrun & into[np.maximum(k, 0)])
+    follow = follow[keep]
     return end + (int(run[keep][follow].max()) if follow.any() else 0)
 
 

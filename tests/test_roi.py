@@ -529,6 +529,36 @@ def test_lone_layers_stop_at_a_can_wall_that_is_bright_past_it():
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4) == 70
 
 
+def test_lone_layers_leave_out_the_edge_rows_of_a_bar_that_meets_a_can_wall():
+    """The can's bar along the layers meets the can wall in an L; its blurred edge rows
+    are dark at the band's end too, but turn bright a few columns before the wall.  They
+    are the bar's, not a long layer's: on development frame 9014 hard 326 the band was
+    followed along such a row up to the wall, 36 px (full resolution) past the tips.  A
+    long anode in rows of its own is still followed."""
+    from daemon.roi import _lone_layers_end
+
+    rows = np.full((100, 120), 220, np.uint8)
+    rows[:, :40] = 30  # the band's stack up to column 40
+    rows[:, 70:76] = 35  # a can wall across every row, background past it
+    rows[10:17, 40:70] = 38  # the bar, 7 rows, into the wall
+    rows[17, 40:64] = 90  # its blurred edge row: dark up to 6 columns before the wall
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4.8) == 40
+    rows[60:62, 40:55] = 40  # a long anode, 2 rows, ending in background at column 55
+    assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4.8) == 55
+
+
+def test_the_band_ends_at_the_tips_not_at_a_can_bar_meeting_the_wall():
+    """Development frame 9014 hard 326 (a 9-layer stack; the can's bar along the layers
+    beside it meets the can wall past the tips): 3.16x its tips' box, 77 px from the
+    farthest tip to the ROI's edge ahead (the 24 px margin included); now 2.61x, 41 px."""
+    ph = P.make_phantom(np.random.SeedSequence([9014, 326]), "hard", (1024, 1024), 16)
+    res = detect_roi(ph.image)
+    _check(ph, res)
+    bb = np.ptp(_tips(ph), axis=0)
+    assert res.size[0] * res.size[1] <= 3.0 * bb[0] * bb[1]
+    assert _room(res, _tips(ph))[1] < 50.0, np.round(_room(res, _tips(ph)), 1)
+
+
 def _stack_beside_a_wall() -> np.ndarray:
     """A de-rotated window ``(170, 220)``: ``_layered_window``'s stack in rows 60-119 (tips
     to +u, ending at columns 80/88/125), a wall along the layers in rows 44-55, across the
