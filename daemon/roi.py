@@ -475,10 +475,14 @@ def _run_rows(mask: np.ndarray, width: float, thicker: bool = False, runs: np.nd
     ``runs``: ``_runs(mask)``, when the caller already has it."""
     runs = _runs(mask) if runs is None else runs  # (K, 2), disjoint: no index repeats
     th = runs[:, 1] - runs[:, 0]
-    sel = runs[((th > width) & (th < TRAY_ROWS * len(mask))) if thicker else (th <= width)]
-    edge = np.zeros(len(mask) + 1, np.int32)
-    edge[sel[:, 0]] += 1
-    edge[sel[:, 1]] -= 1
+    return _rows_of(runs[((th > width) & (th < TRAY_ROWS * len(mask))) if thicker else (th <= width)], len(mask))
+
+
+def _rows_of(runs: np.ndarray, n: int) -> np.ndarray:
+    """``(n,) bool``: the rows of the disjoint ``[start, end)`` runs ``(K, 2)``."""
+    edge = np.zeros(n + 1, np.int32)
+    edge[runs[:, 0]] += 1
+    edge[runs[:, 1]] -= 1
     return np.cumsum(edge[:-1]) > 0
 
 
@@ -860,11 +864,9 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
         # a dark run at ``end`` with a row that runs into the can wall is the can's bar
         # meeting it: its blurred edge rows (and their neighbours, by the hop) turn bright
         # a little before the wall, and are no layers either
-        r = np.arange(len(run))
-        k = np.searchsorted(at_end[:, 0], r, side="right") - 1  # (R,) the run at ``end`` a row may be in
-        inrun = (k >= 0) & (r < at_end[np.maximum(k, 0), 1])
-        into = np.bincount(k[inrun], weights=run[inrun] >= cw, minlength=len(at_end)) > 0  # (K,)
-        follow &= ~_grow_rows(inrun & into[np.maximum(k, 0)])
+        hits = np.concatenate(([0], np.cumsum(run >= cw)))  # (R+1,) rows into the wall, cumulative
+        bar = at_end[hits[at_end[:, 1]] > hits[at_end[:, 0]]]  # (J, 2) runs with such a row
+        follow &= ~_grow_rows(_rows_of(bar, len(run)))
     follow = follow[keep]
     return end + (int(run[keep][follow].max()) if follow.any() else 0)
 
