@@ -631,7 +631,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if steps is None:
         return _fail("no_band", "no body/background step along the layers", (lo, hi))
     band_end, levels = steps[1], steps[2:]
-    ext_u = (steps[0], float(_lone_layers_end(win[v0:v1], band_end, *levels, max_layer=max_layer)))
+    ext_u = (steps[0], float(_lone_end(win, v0, v1, band_end, *levels, max_layer=max_layer)))
     # the tips lie in the band: the chain of tip-like corners there is the stack's anchor
     # across the layers (the chain before the band was known may run on into the corners
     # of a fixture or bar beside the stack, outside the band along the layers)
@@ -650,8 +650,8 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     # never follow more)
     r0, r1 = max(v0, int(math.ceil(ext_v[0]))), min(v1, int(ext_v[1]) + 1)
     if ext_u[1] > band_end and (r0, r1) != (v0, v1):
-        ext_u = (ext_u[0], float(_lone_layers_end(win[v0:v1], band_end, *levels, max_layer=max_layer,
-                                                  keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))))
+        ext_u = (ext_u[0], float(_lone_end(win, v0, v1, band_end, *levels, max_layer=max_layer,
+                                           keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))))
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -695,7 +695,19 @@ def _u_extent(win: np.ndarray, v0: int, v1: int, anchor, max_layer: float = MAX_
     if steps is None:
         return None
     start, end, body, background = steps
-    return start, float(_lone_layers_end(win[v0:v1], end, body, background, max_layer=max_layer))
+    return start, float(_lone_end(win, v0, v1, end, body, background, max_layer=max_layer))
+
+
+def _lone_end(win: np.ndarray, v0: int, v1: int, end: int, body: float, background: float,
+              max_layer: float = MAX_LAYER, keep: slice = slice(None)) -> int:
+    """``_lone_layers_end`` in rows ``[v0, v1)`` of the window ``(Hw, Ww)`` (``keep``
+    relative to ``v0``), which also sees up to ``2 * max_layer + 1`` rows either side:
+    a bar beside the stack with only its edge rows in ``[v0, v1)`` looks as thin as a
+    layer there, and a thin dark run that sticks out past the tips is followed."""
+    pad = int(math.ceil(2.0 * max_layer)) + 1
+    p0, p1 = min(pad, v0), max(min(pad, win.shape[0] - v1), 0)
+    return _lone_layers_end(win[v0 - p0:v1 + p1], end, body, background, max_layer=max_layer,
+                            keep=keep, pad=(p0, p1))
 
 
 def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
@@ -810,7 +822,7 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
 
 def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
                      reach: int = LONE_REACH, wall_frac: float = 0.2, max_layer: float = MAX_LAYER,
-                     keep: slice = slice(None)) -> int:
+                     keep: slice = slice(None), pad: tuple[int, int] = (0, 0)) -> int:
     """Past the band's end (column ``end`` of ``rows (R, W)``, the stack's rows of the
     window), follow single layers that stick out further than the others: a long anode
     is one dark row in a hundred, too little for the mean profile, but it is the defect
@@ -834,17 +846,21 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     tray beside the stack: it is not followed even where it ends in background, and it
     does not count towards a wall, so a long anode beside it still is.  Only
     the rows ``keep`` selects are followed (the stack's, when they are known); the walls
-    and the thickness of the dark runs are judged on all rows.  Returns the column where
-    the band ends."""
+    and the thickness of the dark runs are judged on all rows.  The first and last
+    ``pad`` rows of ``rows`` lie beyond the stack's rows (outside ``keep`` and the walls'
+    count): a bar beside the stack whose edge rows are among them is judged by its whole
+    thickness.  Returns the column where the band ends."""
     seg = rows[:, end:end + reach]
     if seg.size == 0:
         return end
+    inner = np.zeros(len(seg), bool)  # (R,) the stack's rows, without the pad
+    inner[pad[0]:len(seg) - pad[1]] = True
     dark = seg < 0.5 * (body + background)  # (R, C)
     # a dark run at ``end`` thicker than two layers is a tray or bar beside the stack: not
     # followed, wherever it ends, and not a wall across the layers either
     at_end = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
     tray = _run_rows(dark[:, 0], 2.0 * max_layer, thicker=True, runs=at_end)  # (R,)
-    walled = dark[~tray].sum(axis=0) >= wall_frac * len(seg)
+    walled = dark[inner & ~tray].sum(axis=0) >= wall_frac * int(inner.sum())
     walls = np.flatnonzero(walled)
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
     if cw == 0:
@@ -852,7 +868,7 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     # a can wall is bright again past it (the field of view's dark rim is not): a row that
     # runs into it without turning bright is a bar of the can, not a layer
     can_wall = cw < seg.shape[1] and not walled[cw:].all()
-    near = _grow_rows(dark[:, :cw])
+    near = _grow_rows(dark[:, :cw] & inner[:, None])  # the pad only tells how thick a run is
     run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
     # (R,) rows of a dark run at ``end`` no thicker than a layer (``slim``: than two), and
     # their neighbours (the hop above); rows that end in background are followed unless
@@ -867,8 +883,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
         hits = np.concatenate(([0], np.cumsum(run >= cw)))  # (R+1,) rows into the wall, cumulative
         bar = at_end[hits[at_end[:, 1]] > hits[at_end[:, 0]]]  # (J, 2) runs with such a row
         follow &= ~_grow_rows(_rows_of(bar, len(run)))
-    follow = follow[keep]
-    return end + (int(run[keep][follow].max()) if follow.any() else 0)
+    follow, run = follow[inner][keep], run[inner][keep]
+    return end + (int(run[follow].max()) if follow.any() else 0)
 
 
 def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,

@@ -559,6 +559,37 @@ def test_the_band_ends_at_the_tips_not_at_a_can_bar_meeting_the_wall():
     assert _room(res, _tips(ph))[1] < 50.0, np.round(_room(res, _tips(ph)), 1)
 
 
+def test_lone_layers_judge_a_bar_by_its_rows_beyond_the_stack():
+    """A bar along the layers beside the stack sticks out past the tips and ends in
+    background; only its edge rows lie in the tip corners' rows, where it looks as thin as
+    a layer.  Judged on its rows beyond them too it is thicker than two layers, and is
+    not followed.  A long anode in the chain's last rows (one of its rows beyond them)
+    still is."""
+    from daemon.roi import _lone_end, _lone_layers_end
+
+    win = np.full((140, 120), 220, np.uint8)
+    win[20:120, :40] = 30  # the stack up to column 40 in rows 20-119 (the chain's)
+    win[4:22, :70] = 25  # a bar, 18 rows (2 in the chain's rows), to column 70
+    assert _lone_layers_end(win[20:120], 40, body=30.0, background=220.0, max_layer=4) == 70
+    assert _lone_end(win, 20, 120, 40, body=30.0, background=220.0, max_layer=4) == 40
+    win[118:121, 40:60] = 35  # a long anode, 3 rows (one beyond the chain's), to column 60
+    assert _lone_end(win, 20, 120, 40, body=30.0, background=220.0, max_layer=4) == 60
+    assert _lone_end(win, 20, 120, 40, body=30.0, background=220.0, max_layer=4, keep=slice(0, 90)) == 40
+
+
+def test_the_band_ends_at_the_tips_not_at_a_bar_that_sticks_out_beside_the_stack():
+    """Retired evaluation frame 10100001 normal 150: a bar along the outermost layer sticks
+    out past the tips and ends in background; 2 of its rows were in the tip corners' rows,
+    and the band was followed along them: 3.12x the tips' box, 86 px from the farthest
+    tip to the ROI's edge ahead (the 24 px margin included); now 2.29x, 38 px."""
+    ph = P.make_phantom(np.random.SeedSequence([10_100_001, 150]), "normal", (1024, 1024), 16)
+    res = detect_roi(ph.image)
+    _check(ph, res)
+    bb = np.ptp(_tips(ph), axis=0)
+    assert res.size[0] * res.size[1] <= 3.0 * bb[0] * bb[1]
+    assert _room(res, _tips(ph))[1] < 50.0, np.round(_room(res, _tips(ph)), 1)
+
+
 def _stack_beside_a_wall() -> np.ndarray:
     """A de-rotated window ``(170, 220)``: ``_layered_window``'s stack in rows 60-119 (tips
     to +u, ending at columns 80/88/125), a wall along the layers in rows 44-55, across the
