@@ -46,6 +46,7 @@ REASONS = ("blank", "saturated", "no_band", "ambiguous_direction")
 STRONG_RANK = 8  # the strong corners' cut-off is relative to the 8th-best coarse response
 STEP_RUN = 0.5  # grey levels per profile px: part of a transition
 STEP_STRONG = 2.0  # grey levels per profile px: a transition worth bounding the ROI
+STEP_TAIL = 0.1  # x a step's steepest slope: where the band's last step stops rising this fast, it ends
 STEP_BLOCK = 6.0  # grey levels per profile px falling: a wall or tray edge ends the band
 STEP_SHALLOW = 0.35  # a rising transition behind the band less steep than this x the band's
 # steepest step is shading (the field of view's rim, vignetting), not the layers' ends
@@ -56,10 +57,14 @@ GAP_V = (12.0, 24.0)  # profile px (4 full-res px each at 1024 px): a gap in the
 LAYER_ENERGY = 0.1  # between two rising steps along u, layer edges (|d/dv|) at least this
 # share of the band's: the layers go on, so does the band; less is a film, a holder or
 # bare background past the tips, whose far edge is one more rising step
-LAYER_ALONE = 0.2  # ... and where under this share of the band's,
+LAYER_DENSE = 0.5  # past a step that reaches the background's level, the band goes on to the
+# next rising step only where its layer edges are this dense (thin anodes past the cathode tips,
+# whose mean is near the background's, running on over a grey plate)
+LAYER_ALONE = 0.3  # ... and where under this share of the band's,
 LAYER_ANISO = 2.0  # also at least this x the energy along the layers (|d/du|): layers run
 # along u, while a grey block or film past the tips is as rough both ways (its noise);
-# strong layer energy passes alone (a layer angle 10 deg off makes layers rough along u too)
+# strong layer energy passes alone (a layer angle 10 deg off makes layers rough along u too);
+# at 0.2 a plate with a fixture past the tips passed alone (0.23 x, ratio 1.6: 9200002 hard 144)
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
 SOLID = 0.3  # share of the band's columns: a row dark over at least this much of the band is
@@ -722,16 +727,24 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     the band, the field of view's dark rim or vignetting; layer ends rise sharply); such a
     run that also rises less than 15 % of the body/background step is a faint edge inside
     the band (a separator past the cathode ends) and is passed over.  Later ones are
-    added until one reaches the background's level (the anode step); a dark object in
-    between (a strong falling transition that sinks more than halfway back to
-    the body: a wall, a tray end) stops the search, and so does a stretch without layers
-    before the next step (its layer-edge energy, |d/dv| per column, under
+    added until one reaches the background's level (the anode step), and past such a
+    step only where layer edges as dense as ``LAYER_DENSE`` x the band's lie before the
+    next one (thin anodes, whose mean is near the background's, running on under a grey
+    plate).  A dark object in between (a strong falling transition that sinks more than
+    halfway back to the body: a wall, a tray end) stops the search, unless layer edges
+    that dense run through it (a grey plate over the anodes); so does a stretch without
+    layers before the next step (its layer-edge energy, |d/dv| per column, under
     ``LAYER_ENERGY`` x the band's, or under ``LAYER_ALONE`` x and not ``LAYER_ANISO`` x
     its energy along the layers, |d/du|: noise is as rough both ways): a film, holder or
     grey block past the anode tips, whose far edge is one more rising step.  Nor is a step
     added where the rows of a dark run thicker than
     ``2 * max_layer`` rows (two layer pitches) brighten and the other rows hardly do
     (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips.
+    The last step's run is cut the same way: of its parts that rise at least
+    ``STEP_TAIL`` x its steepest slope, those with layers between them are joined (the
+    cathode and anode steps of a short band form one run) and the band ends with the
+    last; past it the background only brightens slowly (vignetting), or a plate's edge
+    right past the tips rises again.
     Returns ``(start, end, body, background)``: the band's first and
     last column (before any long layer past it) and the profile's two levels.
     """
@@ -758,13 +771,18 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     tol = 0.15 * (background - body)
     last = len(prof) - 1
 
-    def blocked(a: int, b: int) -> bool:
+    def blocked(a: int, b: int, e: np.ndarray | None = None, band_e: float = 0.0) -> bool:
         # a dark object between the steps at columns a and b (a wall, a tray end): a strong
         # falling run, after which the profile sinks more than halfway back to the body's
-        # level.  A shallow dip (a halo past the cathode ends) does not block.
+        # level.  A shallow dip (a halo past the cathode ends) does not block.  Given the
+        # layer-edge energy per column ``e``, nor does a dark object with layer edges
+        # through it as dense as ``LAYER_DENSE`` x the band's: a grey plate over the tips
         if not len(neg) or not ((neg[:, 0] >= a) & (neg[:, 1] <= b)).any():
             return False
-        return float(prof[a:b + 1].min()) < body + 0.5 * (float(prof[a]) - body)
+        sunk = prof[a:b + 1] < body + 0.5 * (float(prof[a]) - body)  # (b - a + 1,)
+        if not sunk.any():
+            return False
+        return e is None or not _quantile(e[a:b + 1][sunk], 0.5) > LAYER_DENSE * band_e
 
     lo_i = hi_i = i
     # an earlier step far shallower than the band's steps so far is shading across the
@@ -780,44 +798,56 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
             break
         k -= 1
 
-    def short_of_background(k: int) -> bool:  # step k ends below the background, another follows
-        return prof[min(pos[k, 1], last)] < background - tol and k < len(pos) - 1
+    def short_of_background(k: int) -> bool:  # step k ends below the background
+        return prof[min(pos[k, 1], last)] < background - tol
 
-    if short_of_background(hi_i):
-        # layer-edge energy per column: the band's layers give it, a film or bare background
-        # past the tips does not
-        rows = win[v0:v1]
-        e = _edge_energy(rows[1:], rows[:-1])  # (W,) across the layers
-        band_e = float(e[pos[lo_i, 0]:pos[i, 1]].max())
+    # layer-edge energy per column: the band's layers give it, a film or bare background
+    # past the tips does not
+    rows = win[v0:v1]
+    e = _edge_energy(rows[1:], rows[:-1])  # (W,) across the layers
+    band_e = float(e[pos[lo_i, 0]:pos[i, 1]].max())
 
-        e_u = _edge_energy(rows[:, 1:], rows[:, :-1])  # (W - 1,) along them
+    e_u = _edge_energy(rows[:, 1:], rows[:, :-1])  # (W - 1,) along them
 
-        def layers_on(a: int, b: int) -> bool:  # medians over the columns between the steps
-            if b <= a:
-                return True
-            e_v = _quantile(e[a:b], 0.5)
-            return e_v >= LAYER_ENERGY * band_e and (e_v >= LAYER_ALONE * band_e
-                                                     or e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5))
+    def layers_on(a: int, b: int, dense: bool) -> bool:  # medians over the columns between the steps
+        if b <= a:
+            return True
+        e_v = _quantile(e[a:b], 0.5)
+        if dense:
+            return e_v >= LAYER_DENSE * band_e
+        return e_v >= LAYER_ENERGY * band_e and (e_v >= LAYER_ALONE * band_e
+                                                 or e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5))
 
-        mid = 0.5 * (body + background)
+    mid = 0.5 * (body + background)
 
-        def tray_end(k: int) -> bool:
-            # the next step rises in rows of a dark run thicker than two layer pitches at
-            # step k's end (by over a quarter of the body/background step on average) and
-            # hardly anywhere else (under ``TRAY_ONLY`` of it): the end of a tray or bar
-            # beside the stack, past the tips; where layers end, their rows rise too
-            c0, c1 = min(pos[k, 1], last), min(pos[k + 1, 1], last)
-            at = rows[:, c0].astype(np.float32)  # (R,)
-            rise = cv2.reduce(rows[:, c0:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - at  # (R,)
-            thick = _run_rows(at < mid, 2.0 * max_layer, thicker=True)  # (R,)
-            amp = background - body
-            return bool(thick.any()) and float(rise[thick].mean()) > 0.25 * amp \
-                and float(rise[~thick].mean()) < TRAY_ONLY * amp  # a thick run is < 40 % of rows
+    def tray_end(k: int) -> bool:
+        # the next step rises in rows of a dark run thicker than two layer pitches at
+        # step k's end (by over a quarter of the body/background step on average) and
+        # hardly anywhere else (under ``TRAY_ONLY`` of it): the end of a tray or bar
+        # beside the stack, past the tips; where layers end, their rows rise too
+        c0, c1 = min(pos[k, 1], last), min(pos[k + 1, 1], last)
+        at = rows[:, c0].astype(np.float32)  # (R,)
+        rise = cv2.reduce(rows[:, c0:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - at  # (R,)
+        thick = _run_rows(at < mid, 2.0 * max_layer, thicker=True)  # (R,)
+        amp = background - body
+        return bool(thick.any()) and float(rise[thick].mean()) > 0.25 * amp \
+            and float(rise[~thick].mean()) < TRAY_ONLY * amp  # a thick run is < 40 % of rows
 
-        while short_of_background(hi_i) and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0]) \
-                and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0]) and not tray_end(hi_i):
-            hi_i += 1
-    return float(pos[lo_i, 0]), int(pos[hi_i, 1]), body, background
+    while hi_i < len(pos) - 1 and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0], e, band_e) \
+            and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0], dense=not short_of_background(hi_i)) \
+            and not tray_end(hi_i):
+        hi_i += 1
+    # inside the last step's run, its parts that rise at least ``STEP_TAIL`` x its steepest
+    # slope are joined while layers lie between them (the cathode and anode steps may form
+    # one run); past them the background only brightens slowly (vignetting), or a grey
+    # plate's edge right past the tips rises again with no layers before it
+    a = int(pos[hi_i, 0])
+    parts = _runs(d[a:pos[hi_i, 1]] >= STEP_TAIL * steep[hi_i]) + a  # (J, 2)
+    on = np.array([layers_on(int(c0), int(c1), dense=False) for c0, c1 in zip(parts[:-1, 1], parts[1:, 0])], bool)
+    stop = max(int(np.argmin(np.append(on, False))),  # the first part with no layers past it,
+               int(np.searchsorted(parts[:, 0], anchor, side="right")) - 1)  # not before the anchor
+    # the profile is smoothed over 5 px: the step's own end lies up to 2 px past its part
+    return float(pos[lo_i, 0]), int(min(parts[stop, 1] + 2, pos[hi_i, 1])), body, background
 
 
 def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,

@@ -426,6 +426,46 @@ def test_u_extent_does_not_take_a_noisy_film_for_layers():
             assert 70 <= lo <= 82 and 122 <= hi <= 132, (film_end, seed, lo, hi)
 
 
+def _plate_window(plate: float, anode_end: int = 125, start: int = 100, stop: int = 170) -> np.ndarray:
+    """A de-rotated window ``(60, 220)``: a stack of 3-row layers (anode, gap, cathode,
+    gap; the gaps grey behind the cathode tips at column 88), the anodes ending at
+    ``anode_end`` in background; a grey plate over columns ``[start, stop)`` lets
+    ``plate`` of the intensity through (layers under it stay visible)."""
+    kind = (np.arange(60) // 3) % 4  # 0 anode, 2 cathode, 1 and 3 gaps
+    ends = np.where(kind == 0, anode_end, 88)[:, None]
+    body = np.where(kind % 2 == 0, 20.0, 55.0)[:, None]
+    win = np.where(np.arange(220)[None, :] < ends, body, 226.0)
+    win[:, start:stop] *= plate
+    return win.round().astype(np.uint8)
+
+
+def test_u_extent_follows_the_layers_under_a_grey_plate():
+    """A grey plate over the anodes past the cathode tips sinks the mean profile more than
+    halfway back to the body's level, as a wall does, but the anodes' edges go on through
+    it: the band goes on to the anode tips (on development frames 9011 hard 249, 318, 598,
+    9012 hard 1 and 9012 normal 495 it stopped at the plate's edge and every anode tip
+    was outside the ROI).  A dark block with no layers through it still stops the band."""
+    for plate in (0.6, 0.55):
+        assert _u_extent(_plate_window(plate), 0, 60, anchor=86) == (85.0, 128.0), plate
+    for plate in (0.55, 0.3):  # past the anode tips (column 100): no layers through it
+        lo, hi = _u_extent(_plate_window(plate, anode_end=100, start=106, stop=120), 0, 60, anchor=86)
+        assert lo == 85.0 and 100 <= hi <= 104, (plate, lo, hi)
+
+
+def test_u_extent_ends_with_the_anode_step_not_with_a_brightening_background():
+    """Past the anode tips the background may go on brightening slowly (vignetting
+    towards the field of view's centre), at under a tenth of the anode step's slope but
+    above the profile's run threshold: the band ends where the anode step does, not 40-80
+    columns on where the background stops brightening."""
+    cols = np.arange(220)
+    for slope in (0.0, 0.6, 0.8):  # grey levels per column past the tips
+        win = _plate_window(1.0).astype(np.float64)
+        bg = np.minimum(200.0 + slope * np.clip(cols - 125, 0, None), 250.0)  # (220,)
+        win = np.where(win == 226.0, bg[None, :], win).round().astype(np.uint8)
+        lo, hi = _u_extent(win, 0, 60, anchor=86)
+        assert lo == 85.0 and 126 <= hi <= 131, (slope, lo, hi)  # before: 207 at 0.6, 187 at 0.8
+
+
 def _window_with_tray(tray_rows: int, streak_end: int = 165, long_anode: bool = False) -> np.ndarray:
     """``_layered_window``'s stack (rows 0-59, anode tips at column 125) with a tray
     touching it (``tray_rows`` rows below, dark up to column 150: past the tips), faint
