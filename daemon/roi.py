@@ -300,17 +300,22 @@ def ofast_orientation_serial(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -
 
 # --------------------------------------------------------------------------- cluster
 def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
-                   link: float = 32.0) -> tuple[np.ndarray, np.ndarray]:
+                   link: float = 32.0, orientations: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Robust centre of the tip band's corners.
 
     The corners are binned on a grid of ``link / 2`` cells, occupied cells are linked to
     their 8 neighbours (dilation), and the connected component with the largest total
     response wins: the band's tips form long, dense chains, while distractor corners
-    (screws, wall ends, the field-of-view rim) form small or sparse groups.  The centre is
-    the median of the winning corners, which their ragged chain ends cannot drag.
+    (screws, wall ends, the field-of-view rim) form small or sparse groups.  Given the
+    corners' oFAST ``orientations``, the component's weight is the length of the
+    resultant of its weighted orientations instead: the tips all look at the bright side
+    ahead, while a fixture's corners (a plate with holes, a screw head) look out of it
+    every way, and a short stack's tips must win over a fixture with more corners.  The
+    centre is the median of the winning corners, which their ragged chain ends cannot drag.
 
     Args:
-        pts: ``(K, 2)`` corners; weights: ``(K,)``; shape: ``(H, W)`` of their image.
+        pts: ``(K, 2)`` corners; weights: ``(K,)``; shape: ``(H, W)`` of their image;
+        orientations: ``(K,)`` radians, or ``None``.
     Returns:
         ``centre (2,)`` and ``members (K,) bool``.
     """
@@ -322,7 +327,12 @@ def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
     grid = np.bincount(ci * gw + cj, weights=weights, minlength=gh * gw).reshape(gh, gw)
     occ = cv2.dilate((grid > 0).astype(np.uint8), None)  # 3x3
     n, lab = cv2.connectedComponents(occ, connectivity=8)
-    comp_w = np.bincount(lab.ravel(), weights=grid.ravel(), minlength=n)
+    if orientations is None:
+        comp_w = np.bincount(lab.ravel(), weights=grid.ravel(), minlength=n)
+    else:  # the resultant of the weighted orientations: tips look one way, a fixture's corners every way
+        comp = lab[ci, cj]  # (K,)
+        comp_w = np.hypot(np.bincount(comp, weights=weights * np.cos(orientations), minlength=n),
+                          np.bincount(comp, weights=weights * np.sin(orientations), minlength=n))
     comp_w[0] = 0.0
     members = lab[ci, cj] == int(np.argmax(comp_w))
     mem = pts[members]
@@ -533,14 +543,16 @@ def _densest_span(v: np.ndarray, gap: float) -> tuple[float, float]:
 def _chain_gap(v: np.ndarray) -> float:
     """The widest gap ``_densest_span`` bridges in the tip corners' chain ``v`` ``(K,)``:
     four layer pitches (the upper-quartile step between corners; the outermost layers next to
-    a wall can lose their corners), within ``GAP_V``."""
+    a wall can lose their corners), within ``GAP_V``, but at least two pitches + 1 px:
+    where only some anode tips give corners, one missing corner leaves a gap of two."""
     s = np.sort(v)
     steps = s[1:] - s[:-1]
     steps = steps[steps > 1.5]  # several corners on one tip are < 1.5 px apart
     # the upper quartile: a tip often has two or three corners 2-3 px apart, and those
     # steps would pull a median below the pitch between tips
     pitch = _quantile(steps, 0.75) if len(steps) else GAP_V[0] / 4
-    return float(min(max(4.0 * pitch, GAP_V[0]), GAP_V[1]))
+    # a sparse chain (its corners 12+ px apart) still bridges one missing corner
+    return float(max(min(max(4.0 * pitch, GAP_V[0]), GAP_V[1]), 2.0 * pitch + 1.0))
 
 
 def _fail(reason: str, detail: str, window=(0.0, 0.0)) -> RoiResult:
@@ -576,7 +588,8 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     pts, resp = pts[strong], resp[strong]
     if len(pts) < p.min_corners:
         return _fail("no_band", f"{len(pts)} strong corners", (lo, hi))
-    centre, members = cluster_centre(pts, resp, g.shape, link=64.0 / f)
+    orient = ofast_orientation(g, pts, p.orient_radius)  # (K,)
+    centre, members = cluster_centre(pts, resp, g.shape, link=64.0 / f, orientations=orient)
     if members.sum() < p.min_corners:
         return _fail("no_band", f"densest cluster has {int(members.sum())} corners", (lo, hi))
 
@@ -591,7 +604,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         axis, coh, axis_c = axis_c, coh_c, axis
     if coh < p.min_coherence:
         return _fail("no_band", f"no dominant layer direction (coherence {coh:.2f})", (lo, hi))
-    angles = ofast_orientation(g, mp, p.orient_radius)
+    angles = orient[members]
     # the tensors' axes are mean directions; the layers' edges are the strongest one near
     # them that the tips look along (the tips' mean orientation is the last candidate)
     mean_tip = math.atan2(float(np.sin(angles).sum()), float(np.cos(angles).sum()))

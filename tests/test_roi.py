@@ -501,6 +501,70 @@ def test_u_extent_ends_at_the_tips_not_at_a_tray_that_ends_past_them():
     assert np.flatnonzero(_run_rows(mask, 8)).tolist() == [20, 21]
 
 
+def test_the_cluster_whose_corners_look_one_way_wins_over_a_fixture():
+    """A fixture (a plate with holes) can give more strong corners than a short stack's
+    tips.  The tips all look at the bright side ahead; a dark block's corners look out of
+    it every way, so the cluster whose weighted orientations add up to most wins: without
+    the orientations the fixture wins."""
+    from daemon.roi import cluster_centre
+
+    rng = np.random.default_rng(11)
+    tips = np.c_[300.0 + rng.normal(0.0, 2.0, 8), np.linspace(200.0, 340.0, 8)]  # (8, 2) a chain
+    tips_o = rng.normal(0.0, 0.2, 8)  # (8,) looking along +x
+    sq = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    block = np.vstack([c + 10.0 * sq for c in ((80.0, 80.0), (110.0, 80.0), (80.0, 110.0), (110.0, 110.0))])  # (16, 2)
+    block_o = np.tile(np.arctan2(sq[:, 1], sq[:, 0]), 4)  # (16,) each corner looks out of its block
+    pts, w, o = np.vstack([tips, block]), np.ones(24), np.r_[tips_o, block_o]
+    _, members = cluster_centre(pts, w, (512, 512), link=32.0)
+    assert members[8:].all() and not members[:8].any()
+    centre, members = cluster_centre(pts, w, (512, 512), link=32.0, orientations=o)
+    assert members[:8].all() and not members[8:].any()
+    np.testing.assert_allclose(centre, np.median(tips, axis=0))
+
+
+@pytest.mark.parametrize("root, preset, i", [(9011, "normal", 135), (9011, "normal", 477), (9200002, "hard", 93),
+                                            (9200002, "hard", 45)])
+def test_the_roi_is_the_stack_not_a_fixture_with_more_corners(root, preset, i):
+    """Frames where a fixture's corners (a plate with holes, a screw head) outweighed a
+    short stack's tips and the ROI lay on the fixture or a can wall's corner, every tip
+    outside it."""
+    ph = P.make_phantom(np.random.SeedSequence([root, i]), preset, (1024, 1024), 16)
+    _check(ph, detect_roi(ph.image))
+
+
+@pytest.mark.parametrize("root, preset, i", [(9011, "hard", 42), (9200002, "hard", 215)])
+def test_the_cluster_is_the_anode_tips_row_with_every_layer(root, preset, i):
+    """On these frames the cluster with the most response was the row of cathode tips (19
+    and 21 corners), whose tip-like corners left out the outermost layers, and so did the
+    ROI; the anode tips' row (25 and 31 corners, all looking ahead) wins now."""
+    ph = P.make_phantom(np.random.SeedSequence([root, i]), preset, (1024, 1024), 16)
+    _check(ph, detect_roi(ph.image))
+
+
+def test_a_sparse_chain_bridges_one_missing_tip_corner():
+    """Where only some anode tips give tip-like corners, the chain's corners are two layer
+    pitches apart and one missing corner leaves a gap of four.  Four of its pitches exceed
+    the 24 px bound, and the chain was cut at each missing corner: on development frame
+    9011 defects 64 (5 corners, 13-26 px apart) the ROI covered 2 of 7 layers.  It
+    bridges two pitches now; a dense chain keeps the bound (a fixture 26 px away stays
+    out: development frame 9012 normal 327)."""
+    from daemon.roi import _chain_gap
+
+    v = np.array([132.0, 145.0, 171.0, 184.0, 209.0])
+    assert _densest_span(v, _chain_gap(v)) == (132.0, 209.0)
+    dense = np.r_[np.arange(140.0, 207.0, 6.75), 114.0 - np.arange(4.0)]  # (14,) tips, a fixture 26 px off
+    assert _chain_gap(dense) == 24.0
+    assert _densest_span(dense, _chain_gap(dense))[0] == 140.0
+
+
+@pytest.mark.parametrize("root, preset, i", [(9011, "defects", 64)])
+def test_a_stack_with_few_tip_corners_keeps_every_layer(root, preset, i):
+    """The anode tips' row wins the cluster here with 5 tip-like corners 13-26 px apart;
+    cut at its missing corners, the chain held 2 of 7 layers."""
+    ph = P.make_phantom(np.random.SeedSequence([root, i]), preset, (1024, 1024), 16)
+    _check(ph, detect_roi(ph.image))
+
+
 def test_densest_span_leaves_out_a_fixture_beside_the_stack():
     rng = np.random.default_rng(5)
     stack = np.sort(rng.uniform(100, 180, 30))  # tip corners a few px apart
