@@ -327,14 +327,14 @@ def cluster_centre(pts: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
     grid = np.bincount(ci * gw + cj, weights=weights, minlength=gh * gw).reshape(gh, gw)
     occ = cv2.dilate((grid > 0).astype(np.uint8), None)  # 3x3
     n, lab = cv2.connectedComponents(occ, connectivity=8)
+    comp = lab[ci, cj]  # (K,) each corner's component
     if orientations is None:
         comp_w = np.bincount(lab.ravel(), weights=grid.ravel(), minlength=n)
     else:  # the resultant of the weighted orientations: tips look one way, a fixture's corners every way
-        comp = lab[ci, cj]  # (K,)
         comp_w = np.hypot(np.bincount(comp, weights=weights * np.cos(orientations), minlength=n),
                           np.bincount(comp, weights=weights * np.sin(orientations), minlength=n))
     comp_w[0] = 0.0
-    members = lab[ci, cj] == int(np.argmax(comp_w))
+    members = comp == int(np.argmax(comp_w))
     mem = pts[members]
     return np.array([_quantile(mem[:, 0], 0.5), _quantile(mem[:, 1], 0.5)]), members
 
