@@ -752,7 +752,10 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     grey block past the anode tips, whose far edge is one more rising step.  Nor is a step
     added where the rows of a dark run thicker than
     ``2 * max_layer`` rows (two layer pitches) brighten and the other rows hardly do
-    (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips.
+    (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips; nor
+    where one dark run only brightens so, thicker than ``max_layer`` (a layer), and every
+    other dark run there is thicker still: the end of a bar beside the stack, with no
+    layer going on past it (a long or short anode is as thin as the others).
     The last step's run is cut the same way: of its parts that rise at least
     ``STEP_TAIL`` x its steepest slope, those with layers between them are joined (the
     cathode and anode steps of a short band form one run) and the band ends with the
@@ -837,14 +840,28 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         # the next step rises in rows of a dark run thicker than two layer pitches at
         # step k's end (by over a quarter of the body/background step on average) and
         # hardly anywhere else (under ``TRAY_ONLY`` of it): the end of a tray or bar
-        # beside the stack, past the tips; where layers end, their rows rise too
+        # beside the stack, past the tips; where layers end, their rows rise too.  Or it
+        # rises so in one dark run only, thicker than a layer, and every other dark run
+        # there is thicker still (no layer goes on past it): a bar's end
         c0, c1 = min(pos[k, 1], last), min(pos[k + 1, 1], last)
         at = rows[:, c0].astype(np.float32)  # (R,)
         rise = cv2.reduce(rows[:, c0:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - at  # (R,)
-        thick = _run_rows(at < mid, 2.0 * max_layer, thicker=True)  # (R,)
         amp = background - body
-        return bool(thick.any()) and float(rise[thick].mean()) > 0.25 * amp \
-            and float(rise[~thick].mean()) < TRAY_ONLY * amp  # a thick run is < 40 % of rows
+        runs = _runs(at < mid)  # (K, 2)
+        th = runs[:, 1] - runs[:, 0]  # (K,)
+        runs, th = runs[th < TRAY_ROWS * len(at)], th[th < TRAY_ROWS * len(at)]  # a longer one is the stack
+        if not len(runs):
+            return False
+        cs = np.concatenate(([0.0], np.cumsum(rise, dtype=np.float64)))
+        up = (cs[runs[:, 1]] - cs[runs[:, 0]]) / th > 0.25 * amp  # (K,) runs that brighten
+        for sel in (th > 2.0 * max_layer,  # trays
+                    up & (th > max_layer) & (up.sum() == 1) & ~(th[~up] <= th.max(initial=0, where=up)).any()):
+            if sel.any():
+                one = _rows_of(runs[sel], len(at))  # (R,)
+                if (cs[runs[sel, 1]] - cs[runs[sel, 0]]).sum() / th[sel].sum() > 0.25 * amp \
+                        and float(rise[~one].mean()) < TRAY_ONLY * amp:
+                    return True
+        return False
 
     while hi_i < len(pos) - 1 and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0], e, band_e) \
             and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0], dense=not short_of_background(hi_i)) \

@@ -501,6 +501,41 @@ def test_u_extent_ends_at_the_tips_not_at_a_tray_that_ends_past_them():
     assert np.flatnonzero(_run_rows(mask, 8)).tolist() == [20, 21]
 
 
+def _window_with_bar(bar_rows: int, bar_end: int = 136) -> np.ndarray:
+    """``_layered_window``'s stack (rows 0-59, anode tips at column 125) with a bar along
+    the layers beside it (``bar_rows`` rows from row 62, dark up to ``bar_end``, then
+    background) and, 4 rows further out, the can's bar (13 rows) running into a can wall
+    across every row at columns 150-159."""
+    win = np.full((60 + 2 + bar_rows + 4 + 13 + 5, 220), 226, np.uint8)
+    win[:60] = _layered_window(126)
+    win[62:62 + bar_rows, :bar_end] = 25
+    win[66 + bar_rows:79 + bar_rows, :160] = 30
+    win[:, 150:160] = 30
+    return win
+
+
+def test_the_band_ends_at_the_tips_not_at_a_bar_thicker_than_a_layer():
+    """A bar beside the stack, thicker than a layer (``max_layer``) but not than two, ends
+    in background 11 px past the tips.  The can's bar along the layers gives the stretch
+    before its end layer edges, so the end was one more step of the band (retired frame
+    10200002 hard 19: 3.16x the tips' box).  It rises in the bar's rows only, and every
+    other dark run there is thicker still: no layer goes on past it, and the band ends
+    at the anode tips (past them the two bars are a fifth of the rows: a wall for the
+    long layers' search).  A run as thin as a layer is still a step, and so is the end
+    of a bar beside which a long anode ends; a short anode does not end the band."""
+    for bar_rows in (8, 10, 12):
+        win = _window_with_bar(bar_rows)
+        assert _u_extent(win, 0, len(win), anchor=86, max_layer=7) == (77.0, 129.0), bar_rows  # before: 139
+    win = _window_with_bar(5)
+    assert _u_extent(win, 0, len(win), anchor=86, max_layer=7) == (77.0, 139.0)
+    win = _window_with_bar(10)
+    win[0:3, :136] = 20  # a long anode in the stack's first rows, ending where the bar does
+    assert _u_extent(win, 0, len(win), anchor=86, max_layer=7) == (77.0, 139.0)
+    win = _layered_window(126)
+    win[36:39, 100:] = 226  # a short anode: its rows alone brighten at its end
+    assert _u_extent(win, 0, 60, anchor=86, max_layer=7) == (77.0, 129.0)
+
+
 def test_the_cluster_whose_corners_look_one_way_wins_over_a_fixture():
     """A fixture (a plate with holes) can give more strong corners than a short stack's
     tips.  The tips all look at the bright side ahead; a dark block's corners look out of
@@ -651,7 +686,7 @@ def test_lone_layers_leave_out_the_edge_rows_of_a_bar_that_meets_a_can_wall():
     assert _lone_layers_end(rows, 40, body=30.0, background=220.0, max_layer=4.8) == 55
 
 
-@pytest.mark.parametrize("root, preset, i", [(9014, "hard", 326), (10_100_001, "normal", 150)])
+@pytest.mark.parametrize("root, preset, i", [(9014, "hard", 326), (10_100_001, "normal", 150), (10_200_002, "hard", 19)])
 def test_the_band_ends_at_the_tips_not_at_a_bar_beside_the_stack(root, preset, i):
     """Development frame 9014 hard 326 (a 9-layer stack; the can's bar along the layers
     beside it meets the can wall past the tips): 3.16x its tips' box, 77 px from the
