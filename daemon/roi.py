@@ -65,6 +65,9 @@ LAYER_ANISO = 2.0  # also at least this x the energy along the layers (|d/du|): 
 # along u, while a grey block or film past the tips is as rough both ways (its noise);
 # strong layer energy passes alone (a layer angle 10 deg off makes layers rough along u too);
 # at 0.2 a plate with a fixture past the tips passed alone (0.23 x, ratio 1.6: 9200002 hard 144)
+LAYER_RISE = 0.25  # x the body/background step: where the layer edges are sparse (under
+# LAYER_ALONE), the rows at them brighten this much (energy-weighted) within the next step:
+# layers end there; a bar along them runs on, and a plate's edge row brightens by its grey only
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
 SOLID = 0.3  # share of the band's columns: a row dark over at least this much of the band is
@@ -749,7 +752,11 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
     layers before the next step (its layer-edge energy, |d/dv| per column, under
     ``LAYER_ENERGY`` x the band's, or under ``LAYER_ALONE`` x and not ``LAYER_ANISO`` x
     its energy along the layers, |d/du|: noise is as rough both ways): a film, holder or
-    grey block past the anode tips, whose far edge is one more rising step.  Nor is a step
+    grey block past the anode tips, whose far edge is one more rising step.  Sparse edges
+    (under ``LAYER_ALONE``) must also be those of layers that end at the next step: the
+    rows beside them brighten within it by ``LAYER_RISE`` x the body/background step,
+    weighted by the edges' energy (a bar along the layers runs on, a plate's edge row
+    brightens by its grey only).  Nor is a step
     added where the rows of a dark run thicker than
     ``2 * max_layer`` rows (two layer pitches) brighten and the other rows hardly do
     (``TRAY_ONLY``): the end of a tray beside the stack that runs on past the tips; nor
@@ -825,14 +832,29 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
 
     e_u = _edge_energy(rows[:, 1:], rows[:, :-1])  # (W - 1,) along them
 
-    def layers_on(a: int, b: int, dense: bool) -> bool:  # medians over the columns between the steps
+    def layers_on(a: int, b: int, dense: bool, c1: int | None = None) -> bool:
+        # medians over the columns between the steps; given the next step's end ``c1``,
+        # sparse layer edges must also be those of rows that brighten within that step
         if b <= a:
             return True
         e_v = _quantile(e[a:b], 0.5)
         if dense:
             return e_v >= LAYER_DENSE * band_e
-        return e_v >= LAYER_ENERGY * band_e and (e_v >= LAYER_ALONE * band_e
-                                                 or e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5))
+        if e_v >= LAYER_ALONE * band_e:
+            return True
+        return e_v >= LAYER_ENERGY * band_e and e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5) \
+            and (c1 is None or edges_end(a, b, c1))
+
+    def edges_end(a: int, b: int, c1: int) -> bool:
+        # the rows beside the layer edges between columns a and b brighten within the
+        # step over [b, c1] by at least a quarter of the body/background step, weighted by
+        # the edges' energy (``LAYER_RISE``): layers end there; a bar or wall along the
+        # layers that runs on, or a plate's edge, does not
+        r = _edge_energy(rows[1:, a:b], rows[:-1, a:b], per_row=True, k=1)  # (R-1,)
+        b = min(b, last)
+        rise = cv2.reduce(rows[:, b:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - rows[:, b]  # (R,)
+        pair = np.maximum(rise[1:], rise[:-1])  # (R-1,)
+        return float(r @ pair) >= LAYER_RISE * (background - body) * float(r.sum())
 
     mid = 0.5 * (body + background)
 
@@ -864,7 +886,8 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         return False
 
     while hi_i < len(pos) - 1 and not blocked(pos[hi_i, 1], pos[hi_i + 1, 0], e, band_e) \
-            and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0], dense=not short_of_background(hi_i)) \
+            and layers_on(pos[hi_i, 1], pos[hi_i + 1, 0], dense=not short_of_background(hi_i),
+                          c1=min(int(pos[hi_i + 1, 1]), last)) \
             and not tray_end(hi_i):
         hi_i += 1
     # inside the last step's run, its parts that rise at least ``STEP_TAIL`` x its steepest
