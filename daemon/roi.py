@@ -876,8 +876,11 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
             return False
         cs = np.concatenate(([0.0], np.cumsum(rise, dtype=np.float64)))
         up = (cs[runs[:, 1]] - cs[runs[:, 0]]) / th > 0.25 * amp  # (K,) runs that brighten
-        for sel in (th > 2.0 * max_layer,  # trays
-                    up & (th > max_layer) & (up.sum() == 1) & ~(th[~up] <= th.max(initial=0, where=up)).any()):
+        trays = th > 2.0 * max_layer  # (K,)
+        # a bar: the one run that brightens, thicker than a layer, every other run thicker still
+        alone = up.sum() == 1 and not (th[~up] <= th[up][0]).any()
+        bar = up & (th > max_layer) if alone else np.zeros_like(up)  # (K,)
+        for sel in (trays, bar):
             if sel.any():
                 one = _rows_of(runs[sel], len(at))  # (R,)
                 if (cs[runs[sel, 1]] - cs[runs[sel, 0]]).sum() / th[sel].sum() > 0.25 * amp \
