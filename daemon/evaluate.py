@@ -75,6 +75,16 @@ def roi_accuracy(preset: str, n: int = 500, size=(1024, 1024), bits: int = 16, m
             rows.append(row)
             if progress:
                 progress(len(rows), n)
+    return {"preset": preset, "seed_root": root, "n": n, "size": list(size), "bits": bits, "margin_px": margin,
+            **roi_summary(rows)}
+
+
+def roi_summary(rows: list[dict]) -> dict:
+    """The stage-1 figures over per-frame rows (``_roi_one``'s: ``i``, ``ok``, ``reason``,
+    ``time_s``, ``direction_ok``, and where ``ok`` also ``contained``, ``area_ratio``,
+    ``n_q``).  Rates are of all frames; the frames over 3x and those found but not
+    containing every tip are listed by index, to be looked at after scoring."""
+    n = len(rows)
     ok = [r for r in rows if r["ok"]]
     ratios = np.array([r["area_ratio"] for r in ok]) if ok else np.zeros(1)
     t = np.array([r["time_s"] for r in rows])
@@ -83,7 +93,6 @@ def roi_accuracy(preset: str, n: int = 500, size=(1024, 1024), bits: int = 16, m
         if not r["ok"]:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     return {
-        "preset": preset, "seed_root": root, "n": n, "size": list(size), "bits": bits, "margin_px": margin,
         "roi_found": len(ok) / n,
         "all_tips_contained": sum(r.get("contained", False) for r in rows) / n,
         "direction_correct": sum(r["direction_ok"] and r["ok"] for r in rows) / n,
@@ -92,6 +101,8 @@ def roi_accuracy(preset: str, n: int = 500, size=(1024, 1024), bits: int = 16, m
         "q_size_median": float(np.median([r["n_q"] for r in ok])) if ok else 0.0,
         "failures": reasons,
         "failed_indices": [r["i"] for r in rows if not (r["ok"] and r.get("contained") and r["direction_ok"])],
+        "not_contained_indices": [r["i"] for r in ok if not r["contained"]],
+        "over_3x": [[r["i"], round(r["area_ratio"], 3)] for r in ok if r["area_ratio"] > 3.0],
         "time_ms_median": float(np.median(t) * 1e3), "time_ms_p99": float(np.percentile(t, 99) * 1e3),
     }
 

@@ -961,3 +961,25 @@ def test_bench_roi_splits_its_tail():
     assert rows["roi_corners (coarse + full-res Q)"]["n"] == 15 and rows["reference: full-resolution detection"]["n"] == 3
     assert 0 < r["fastest_frame_median_ms"] <= r["slowest_frame_median_ms"]
     assert r["same_frame_p99_over_median"] >= 1.0  # each frame's calls straddle its median
+
+
+def test_roi_summary_rates_and_the_frames_to_look_at():
+    """``polecheck eval-roi``'s figures: rates over all frames (a frame without an ROI
+    counts against every one), and the frames over 3x and those whose ROI misses a tip
+    listed by index."""
+    from daemon.evaluate import roi_summary
+
+    def row(i, ok=True, contained=True, ratio=1.5, direction_ok=True):
+        r = {"i": i, "ok": ok, "reason": None if ok else "no_band", "time_s": 0.002, "direction_ok": direction_ok}
+        if ok:
+            r.update(contained=contained, area_ratio=ratio, n_q=512)
+        return r
+
+    rows = [row(0), row(1, ratio=3.4), row(2, contained=False, ratio=0.8), row(3, ok=False, direction_ok=False),
+            row(4, ratio=3.0)]
+    s = roi_summary(rows)
+    assert s["roi_found"] == 0.8 and s["all_tips_contained"] == 0.6 and s["direction_correct"] == 0.8
+    assert s["area_ratio_le_3"] == pytest.approx(0.6) and s["area_ratio_max"] == 3.4
+    assert s["over_3x"] == [[1, 3.4]] and s["not_contained_indices"] == [2]
+    assert s["failed_indices"] == [2, 3] and s["failures"] == {"no_band": 1}
+    assert s["time_ms_median"] == pytest.approx(2.0)
