@@ -845,14 +845,16 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         return e_v >= LAYER_ENERGY * band_e and e_v >= LAYER_ANISO * _quantile(e_u[a:b], 0.5) \
             and (c1 is None or edges_end(a, b, c1))
 
+    def brighten(s: int, c1: int) -> np.ndarray:  # (R,) each row's rise over columns [s, c1]
+        return cv2.reduce(rows[:, s:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - rows[:, s]
+
     def edges_end(a: int, b: int, c1: int) -> bool:
         # the rows beside the layer edges between columns a and b brighten within the
         # step over [b, c1] by at least a quarter of the body/background step, weighted by
         # the edges' energy (``LAYER_RISE``): layers end there; a bar or wall along the
         # layers that runs on, or a plate's edge, does not
         r = _edge_energy(rows[1:, a:b], rows[:-1, a:b], per_row=True, k=1)  # (R-1,)
-        b = min(b, last)
-        rise = cv2.reduce(rows[:, b:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - rows[:, b]  # (R,)
+        rise = brighten(min(b, last), c1)  # (R,)
         pair = np.maximum(rise[1:], rise[:-1])  # (R-1,)
         return float(r @ pair) >= LAYER_RISE * (background - body) * float(r.sum())
 
@@ -866,24 +868,25 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         # rises so in one dark run only, thicker than a layer, and every other dark run
         # there is thicker still (no layer goes on past it): a bar's end
         c0, c1 = min(pos[k, 1], last), min(pos[k + 1, 1], last)
-        at = rows[:, c0].astype(np.float32)  # (R,)
-        rise = cv2.reduce(rows[:, c0:c1 + 1], 1, cv2.REDUCE_MAX).ravel().astype(np.float32) - at  # (R,)
+        rise = brighten(c0, c1)  # (R,)
         amp = background - body
-        runs = _runs(at < mid)  # (K, 2)
+        runs = _runs(rows[:, c0] < mid)  # (K, 2)
         th = runs[:, 1] - runs[:, 0]  # (K,)
-        runs, th = runs[th < TRAY_ROWS * len(at)], th[th < TRAY_ROWS * len(at)]  # a longer one is the stack
+        short = th < TRAY_ROWS * len(rise)  # (K,) a longer run is the stack
+        runs, th = runs[short], th[short]
         if not len(runs):
             return False
         cs = np.concatenate(([0.0], np.cumsum(rise, dtype=np.float64)))
-        up = (cs[runs[:, 1]] - cs[runs[:, 0]]) / th > 0.25 * amp  # (K,) runs that brighten
+        gained = cs[runs[:, 1]] - cs[runs[:, 0]]  # (K,) each run's summed rise
+        up = gained / th > 0.25 * amp  # (K,) runs that brighten
         trays = th > 2.0 * max_layer  # (K,)
         # a bar: the one run that brightens, thicker than a layer, every other run thicker still
         alone = up.sum() == 1 and not (th[~up] <= th[up][0]).any()
         bar = up & (th > max_layer) if alone else np.zeros_like(up)  # (K,)
         for sel in (trays, bar):
             if sel.any():
-                one = _rows_of(runs[sel], len(at))  # (R,)
-                if (cs[runs[sel, 1]] - cs[runs[sel, 0]]).sum() / th[sel].sum() > 0.25 * amp \
+                one = _rows_of(runs[sel], len(rise))  # (R,)
+                if gained[sel].sum() / th[sel].sum() > 0.25 * amp \
                         and float(rise[~one].mean()) < TRAY_ONLY * amp:
                     return True
         return False
