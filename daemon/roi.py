@@ -20,7 +20,9 @@ Pipeline for one frame (all pure functions; I/O-free):
    the band gives the stack's extent along v, clamped to the rows that end like layers
    (dark behind the band, bright past it: not a wall or bar beside the stack).  The ROI
    bounds are the outer ends of the strongest transitions of the smoothed derivatives,
-   plus a margin on each side: ``margin_behind_px``, ``margin_ahead_px`` (past the band's
+   stretched to single layers that stick out past the band's end or end before its
+   start (too few rows for the mean profile: a long or a short anode), plus a margin on
+   each side: ``margin_behind_px``, ``margin_ahead_px`` (past the band's
    end, the least certain bound) and ``margin_across_px``.
 6. Full resolution inside the ROI: FAST, top ``n_corners`` (N) by response, orientation,
    one ``cv2.cornerSubPix`` step -> Q ``(N, 2)``.
@@ -68,6 +70,8 @@ LAYER_ANISO = 2.0  # also at least this x the energy along the layers (|d/du|): 
 LAYER_RISE = 0.25  # x the body/background step: where the layer edges are sparse (under
 # LAYER_ALONE), the rows at them brighten this much (energy-weighted) within the next step:
 # layers end there; a bar along them runs on, and a plate's edge row brightens by its grey only
+GAP_BRIGHT = 0.75  # share of the body/background step: a layer's gap in the body, past a short layer's tip
+SHORT_REACH = 24  # profile px (~100 full-res px): how far behind the band's start a short layer may end
 LONE_REACH = 48  # profile px (~190 full-res px): how far a single long layer may stick out
 STACK_TOL = 3.0  # profile px (~12 full-res px) kept past the outermost rows that end like layers
 SOLID = 0.3  # share of the band's columns: a row dark over at least this much of the band is
@@ -673,6 +677,10 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     if ext_u[1] > band_end and (r0, r1) != (v0, v1):
         ext_u = (ext_u[0], float(_lone_end(win, v0, v1, band_end, *levels, max_layer=max_layer,
                                            keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))))
+    # layers that end before the others (a short anode: negative overhang) lie behind the
+    # band's start, in the stack's rows
+    ext_u = (float(_short_start(win, v0, v1, int(ext_u[0]), *levels, max_layer=max_layer,
+                                keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))), ext_u[1])
 
     # window coords -> full-resolution image
     scale = f * fp
@@ -725,10 +733,25 @@ def _lone_end(win: np.ndarray, v0: int, v1: int, end: int, body: float, backgrou
     relative to ``v0``), which also sees up to ``2 * max_layer + 1`` rows either side:
     a bar beside the stack with only its edge rows in ``[v0, v1)`` looks as thin as a
     layer there, and a thin dark run that sticks out past the tips is followed."""
+    rows, pad = _padded_rows(win, v0, v1, max_layer)
+    return _lone_layers_end(rows, end, body, background, max_layer=max_layer, keep=keep, pad=pad)
+
+
+def _short_start(win: np.ndarray, v0: int, v1: int, start: int, body: float, background: float,
+                 max_layer: float = MAX_LAYER, keep: slice = slice(None)) -> int:
+    """``_short_layers_start`` in rows ``[v0, v1)`` of the window ``(Hw, Ww)`` (``keep``
+    relative to ``v0``), which also sees up to ``2 * max_layer + 1`` rows either side: the
+    background beside the stack is a thick bright run there, not a layer's gap."""
+    rows, pad = _padded_rows(win, v0, v1, max_layer)
+    return _short_layers_start(rows, start, body, background, max_layer=max_layer, keep=keep, pad=pad)
+
+
+def _padded_rows(win: np.ndarray, v0: int, v1: int, max_layer: float) -> tuple[np.ndarray, tuple[int, int]]:
+    """Rows ``[v0, v1)`` of the window ``(Hw, Ww)`` with up to ``2 * max_layer + 1`` rows
+    either side, ``(R, Ww)``, and how many were added before and after."""
     pad = int(math.ceil(2.0 * max_layer)) + 1
     p0, p1 = min(pad, v0), max(min(pad, win.shape[0] - v1), 0)
-    return _lone_layers_end(win[v0 - p0:v1 + p1], end, body, background, max_layer=max_layer,
-                            keep=keep, pad=(p0, p1))
+    return win[v0 - p0:v1 + p1], (p0, p1)
 
 
 def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
@@ -974,6 +997,46 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
         follow &= ~_grow_rows(_rows_of(bar, len(run)))
     follow, run = follow[inner][keep], run[inner][keep]
     return end + (int(run[follow].max()) if follow.any() else 0)
+
+
+def _short_layers_start(rows: np.ndarray, start: int, body: float, background: float,
+                        reach: int = SHORT_REACH, max_layer: float = MAX_LAYER,
+                        keep: slice = slice(None), pad: tuple[int, int] = (0, 0)) -> int:
+    """Behind the band's start (column ``start`` of ``rows (R, W)``, the stack's rows of the
+    window), follow single layers that end before the others: a short anode (a negative
+    overhang, the defect that matters most) or a cathode that ends before the step.  Each
+    is one row in dozens, too little for the mean profile; its tip lies behind the step.
+
+    In the body every row is dark; past such a layer's tip its row is a bright gap.  A row
+    is followed back from ``start`` where, at ``start``, it is a gap (``GAP_BRIGHT`` of the
+    way from the body's level to the background's: the body's paler separator bands are
+    not) in a run of rows above the body/background midpoint that is no thicker than
+    ``max_layer`` rows (about a layer pitch: background beside the stack is thicker) and
+    lies between two of the stack's rows (a gap that reaches the ``pad`` rows beyond them
+    is the one between the stack and a bar beside it).  It is followed while it, or a
+    neighbouring row (a layer a fraction of a degree off the rows hops between them),
+    stays above the midpoint, and counts only where it turns dark within ``reach``
+    columns: the layer's tip.  A gap that runs on further is no short layer's (a missing
+    layer, a separator band fading back into the body).  Only the rows ``keep`` selects
+    (relative to the rows without the pad) are followed.  Returns the column where the
+    band starts."""
+    a = max(start - reach, 0)
+    seg = rows[:, a:start + 1][:, ::-1]  # (R, C): columns start, start - 1, ..., a
+    if seg.shape[1] < 2:
+        return start
+    inner = np.zeros(len(seg), bool)  # (R,) the stack's rows, without the pad
+    inner[pad[0]:len(seg) - pad[1]] = True
+    bright = seg >= 0.5 * (body + background)  # (R, C)
+    # (R,) gaps at ``start``, in a bright run there no thicker than a layer and between two
+    # of the stack's rows (not touching the pad)
+    runs = _runs(bright[:, 0])  # (K, 2)
+    runs = runs[(runs[:, 1] - runs[:, 0] <= max_layer) & (runs[:, 0] > pad[0]) & (runs[:, 1] < len(seg) - pad[1])]
+    gap = _rows_of(runs, len(seg)) & (seg[:, 0] >= body + GAP_BRIGHT * (background - body))
+    near = _grow_rows(bright)  # (R, C) a row or a neighbour is bright
+    back = np.where(near.all(axis=1), seg.shape[1], near.argmin(axis=1))  # (R,) bright columns back from ``start``
+    follow = gap & (back < seg.shape[1])  # (R,) turns dark within the reach: the body behind a tip
+    follow, back = follow[inner][keep], back[inner][keep]
+    return start - (int(back[follow].max()) if follow.any() else 0)
 
 
 def _v_extent(win: np.ndarray, ext_u: tuple[float, float], anchor, min_gap: int = 12,
