@@ -23,10 +23,10 @@ import numpy as np
 #: 7_100_00x, 7_200_00x, 7_300_00x, 7_400_00x, 7_500_00x, 7_600_00x, 7_700_00x, 7_800_00x,
 #: 7_900_00x, 8_000_00x, 8_500_00x, 8_600_00x, 8_700_00x, 8_800_00x, 8_900_00x, 9_100_00x,
 #: 9_200_00x, 9_300_00x, 9_400_00x, 9_500_00x, 10_100_00x, 10_200_00x, 10_300_00x,
-#: 10_400_00x and 10_410_00x (see docs/accuracy.md).  The next roots skip
+#: 10_400_00x, 10_410_00x and 10_500_00x (see docs/accuracy.md).  The next roots skip
 #: 9_600_00x-9_900_00x, which are the whole-pipeline evaluation's (``PIPELINE_SEEDS``).
 #: 8_100_00x-8_300_00x are the model's validation roots (``MODEL_VAL_SEEDS``), not these.
-EVAL_SEEDS = {"normal": 10_500_001, "hard": 10_500_002, "defects": 10_500_003}
+EVAL_SEEDS = {"normal": 10_600_001, "hard": 10_600_002, "defects": 10_600_003}
 #: seed roots of the whole-pipeline evaluation (``polecheck eval phantoms:PRESET:N``); retired:
 #: 9_500_00x (its defect frames were looked at), 9_600_00x (scored before and after the ROI
 #: chain/v-extent change and the one-tip-per-layer rule), 9_700_00x (scored before and after
