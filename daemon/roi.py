@@ -674,13 +674,12 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     # followed again in the stack's rows only (when any were followed: fewer rows to follow
     # never follow more)
     r0, r1 = max(v0, int(math.ceil(ext_v[0]))), min(v1, int(ext_v[1]) + 1)
+    stack = slice(r0 - v0, max(r1 - v0, r0 - v0))  # the stack's rows, relative to v0
     if ext_u[1] > band_end and (r0, r1) != (v0, v1):
-        ext_u = (ext_u[0], float(_lone_end(win, v0, v1, band_end, *levels, max_layer=max_layer,
-                                           keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))))
+        ext_u = (ext_u[0], float(_lone_end(win, v0, v1, band_end, *levels, max_layer=max_layer, keep=stack)))
     # layers that end before the others (a short anode: negative overhang) lie behind the
     # band's start, in the stack's rows
-    ext_u = (float(_short_start(win, v0, v1, int(ext_u[0]), *levels, max_layer=max_layer,
-                                keep=slice(r0 - v0, max(r1 - v0, r0 - v0)))), ext_u[1])
+    ext_u = (float(_short_start(win, v0, v1, int(ext_u[0]), *levels, max_layer=max_layer, keep=stack)), ext_u[1])
 
     # window coords -> full-resolution image
     scale = f * fp
