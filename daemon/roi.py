@@ -508,6 +508,11 @@ def _rows_of(runs: np.ndarray, n: int) -> np.ndarray:
     return np.cumsum(edge[:-1]) > 0
 
 
+def _leading(mask: np.ndarray) -> np.ndarray:
+    """``(R,)``: how many of each row's first columns of ``mask`` ``(R, C)`` are True."""
+    return np.where(mask.all(axis=1), mask.shape[1], mask.argmin(axis=1))
+
+
 def _group_runs(runs: np.ndarray, join: float) -> tuple[np.ndarray, np.ndarray]:
     """``(starts, ends)``, each ``(G,)``: the runs ``(R, 2)`` (sorted, R >= 1) joined into
     groups wherever the gap between two runs is smaller than ``join``."""
@@ -980,7 +985,7 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     # runs into it without turning bright is a bar of the can, not a layer
     can_wall = cw < seg.shape[1] and not walled[cw:].all()
     near = _grow_rows(dark[:, :cw] & inner[:, None])  # the pad only tells how thick a run is
-    run = np.where(near.all(axis=1), cw, near.argmin(axis=1))  # (R,) dark columns from ``end`` on
+    run = _leading(near)  # (R,) dark columns from ``end`` on
     # (R,) rows of a dark run at ``end`` no thicker than a layer (``slim``: than two), and
     # their neighbours (the hop above); rows that end in background are followed unless
     # they are a tray's or next to one (``near`` spreads a tray's rows by one)
@@ -1031,8 +1036,9 @@ def _short_layers_start(rows: np.ndarray, start: int, body: float, background: f
     runs = _runs(bright[:, 0])  # (K, 2)
     runs = runs[(runs[:, 1] - runs[:, 0] <= max_layer) & (runs[:, 0] > pad[0]) & (runs[:, 1] < len(seg) - pad[1])]
     gap = _rows_of(runs, len(seg)) & (seg[:, 0] >= body + GAP_BRIGHT * (background - body))
-    near = _grow_rows(bright)  # (R, C) a row or a neighbour is bright
-    back = np.where(near.all(axis=1), seg.shape[1], near.argmin(axis=1))  # (R,) bright columns back from ``start``
+    if not gap[inner][keep].any():  # most frames: no gap at the start
+        return start
+    back = _leading(_grow_rows(bright))  # (R,) columns back from ``start`` where a row or a neighbour is bright
     follow = gap & (back < seg.shape[1])  # (R,) turns dark within the reach: the body behind a tip
     follow, back = follow[inner][keep], back[inner][keep]
     return start - (int(back[follow].max()) if follow.any() else 0)
