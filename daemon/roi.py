@@ -182,11 +182,11 @@ def robust_window(img: np.ndarray, percentiles=(0.5, 99.5), stride: int = 4) -> 
     k = [min(max(int(round(q / 100 * (sub.size - 1))), 0), sub.size - 1) for q in percentiles]
     ka, kb = min(k), max(k)
     sub.partition(ka)
-    at = {ka: float(sub[ka])}
+    a = float(sub[ka])
     rest = sub[ka:]  # every value here is >= the ka-th smallest, every one before it <=
     rest.partition(kb - ka)
-    at[kb] = float(rest[kb - ka])
-    return at[k[0]], at[k[1]]
+    b = float(rest[kb - ka])
+    return (a, b) if k[0] <= k[1] else (b, a)
 
 
 def to_8bit(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
