@@ -87,6 +87,7 @@ AXIS_WIDTH = 6.0  # deg: ... and refined with the gradients this close to it
 AXIS_ACROSS = 0.2  # the tips' |mean cos| to an axis below this: they look across it (on 3000
 # development frames: p99.9 0.26 at 90 deg off the layers, 0.0-0.04 where a wall's axis won;
 # along the layers p0.1 0.32, min 0.15)
+CORNER_RADIUS = 6  # coarse px: the patches around the cluster's corners whose gradients give a layer axis
 V_CAP = 16  # profile px: how far past the tip corners' chain the stack's edges may lie: the
 # outermost two or three layers next to a wall can lose their tip corners
 
@@ -189,13 +190,15 @@ def robust_window(img: np.ndarray, percentiles=(0.5, 99.5), stride: int = 4) -> 
     return (a, b) if k[0] <= k[1] else (b, a)
 
 
-def to_8bit(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Window ``img`` ``(H, W)`` uint8/uint16 to uint8: ``lo`` -> 0, ``hi`` -> 255, saturating."""
+def to_8bit(img: np.ndarray, lo: float, hi: float, scratch: bool = False) -> np.ndarray:
+    """Window ``img`` ``(H, W)`` uint8/uint16 to uint8: ``lo`` -> 0, ``hi`` -> 255, saturating.
+    ``scratch``: ``img`` is the caller's own intermediate and may be overwritten (it is in
+    cache; a new array's first writes are not)."""
     scale = 255.0 / max(hi - lo, 1e-6)
     if img.dtype == np.uint8 or img.dtype == np.uint16:
         # an integer scalar keeps OpenCV on its integer path (3x faster than a float one);
         # percentiles of integer images are integers
-        shifted = cv2.subtract(img, int(round(lo))) if lo > 0 else img
+        shifted = cv2.subtract(img, int(round(lo)), dst=img if scratch else None) if lo > 0 else img
         return cv2.convertScaleAbs(shifted, alpha=scale)
     return np.clip((img.astype(np.float32) - lo) * scale, 0, 255).astype(np.uint8)
 
@@ -293,8 +296,16 @@ def ofast_orientation(g8: np.ndarray, pts: np.ndarray, radius: int = 7) -> np.nd
     offsets sum to far below 2^24 in float32)."""
     if len(pts) == 0:
         return np.zeros(0, np.float32)
-    patches = square_patches(g8, pts, radius).reshape(len(pts), -1).astype(np.float32)
-    m = patches @ _disc_moments(radius)  # (K, 2): m10, m01
+    return patch_orientation(square_patches(g8, pts, radius).astype(np.float32), radius)
+
+
+def patch_orientation(patches: np.ndarray, radius: int) -> np.ndarray:
+    """``ofast_orientation`` from the float32 patches ``(K, 2R+1, 2R+1)`` around the
+    keypoints, R >= ``radius`` (their centre ``2 radius + 1`` px are used): ``(K,)``
+    float32 radians."""
+    o = (patches.shape[1] - 1) // 2 - radius
+    sub = patches[:, o:patches.shape[1] - o, o:patches.shape[2] - o].reshape(len(patches), (2 * radius + 1) ** 2)
+    m = sub @ _disc_moments(radius)  # (K, 2): m10, m01
     return np.arctan2(m[:, 1], m[:, 0]).astype(np.float32)
 
 
@@ -378,14 +389,16 @@ def _tensor_axis(gx: np.ndarray, gy: np.ndarray) -> tuple[float, float]:
     return axis, coh
 
 
-def _corner_gradients(g: np.ndarray, pts: np.ndarray, radius: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Central-difference ``gx, gy`` in the ``(2r+1)``-px patches around ``pts`` ``(K, 2)``,
-    each ``(K (2r+1)^2,)`` float32; one gather of ``(K, 2r+3, 2r+3)``.
+def _corner_gradients(patches: np.ndarray, radius: int = CORNER_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """Central-difference ``gx, gy`` in the ``(2r+1)``-px patches around the corners, each
+    ``(K (2r+1)^2,)`` float32, from the float32 patches ``(K, 2R+1, 2R+1)`` around them,
+    R > ``radius`` (the oFAST orientation's, when they are large enough).
 
     Around a tip the layer's own long edges and its neighbours' dominate; a fixture's
     corner has two perpendicular edges and adds no coherent direction, and a wall next to
     the band covers only the few patches that touch it."""
-    patch = square_patches(g, pts, radius + 1).astype(np.float32)  # (K, 2r+3, 2r+3)
+    o = (patches.shape[1] - 1) // 2 - radius - 1
+    patch = patches[:, o:patches.shape[1] - o, o:patches.shape[2] - o]  # (K, 2r+3, 2r+3)
     gx = 0.5 * (patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])
     gy = 0.5 * (patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1])
     return gx.ravel(), gy.ravel()
@@ -498,14 +511,21 @@ def _runs(mask: np.ndarray) -> np.ndarray:
     return (m[1:] != m[:-1]).nonzero()[0].reshape(-1, 2)  # edges alternate: start, end
 
 
-def _run_rows(mask: np.ndarray, width: float, thicker: bool = False, runs: np.ndarray | None = None) -> np.ndarray:
-    """``(R,) bool``: the rows of ``mask``'s runs no thicker than ``width`` rows (or, with
-    ``thicker``, only those thicker than it but under ``TRAY_ROWS`` of all rows: a tray
-    beside the stack; a run that long is the stack itself, its layers unresolved).
-    ``runs``: ``_runs(mask)``, when the caller already has it."""
-    runs = _runs(mask) if runs is None else runs  # (K, 2), disjoint: no index repeats
-    th = runs[:, 1] - runs[:, 0]
-    return _rows_of(runs[((th > width) & (th < TRAY_ROWS * len(mask))) if thicker else (th <= width)], len(mask))
+def _run_thickness(runs: np.ndarray, n: int) -> np.ndarray:
+    """``(n,) int``: the thickness of the run each row lies in, of the disjoint ``[start,
+    end)`` runs ``(K, 2)`` (``_runs``), 0 outside them."""
+    th = runs[:, 1] - runs[:, 0]  # (K,)
+    edge = np.zeros(n + 1, np.intp)
+    edge[runs[:, 0]] += th  # starts are distinct, and so are ends
+    edge[runs[:, 1]] -= th
+    return np.cumsum(edge[:-1])
+
+
+def _tray_rows(th: np.ndarray, width: float) -> np.ndarray:
+    """``(R,) bool`` from the rows' run thickness ``th`` ``(R,)`` (``_run_thickness``): the
+    rows of runs thicker than ``width`` rows but under ``TRAY_ROWS`` of all rows (a tray
+    beside the stack; a run that long is the stack itself, its layers unresolved)."""
+    return (th > width) & (th < TRAY_ROWS * len(th))
 
 
 def _rows_of(runs: np.ndarray, n: int) -> np.ndarray:
@@ -595,7 +615,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
         if clipped > p.max_clipped:
             return _fail("saturated", f"{clipped:.1%} of pixels at {int(top)}", (lo, hi))
         return _fail("blank", f"window {lo:.0f}..{hi:.0f} has no contrast", (lo, hi))
-    g = to_8bit(coarse, lo, hi)
+    g = to_8bit(coarse, lo, hi, scratch=coarse is not img)  # the coarse image is not used again
 
     pts, resp = coarse_corners(g, p)
     if len(pts) < p.min_corners:
@@ -608,7 +628,9 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     pts, resp = pts[strong], resp[strong]
     if len(pts) < p.min_corners:
         return _fail("no_band", f"{len(pts)} strong corners", (lo, hi))
-    orient = ofast_orientation(g, pts, p.orient_radius)  # (K,)
+    # one gather of patches for the orientation and, around the cluster's, the gradients
+    patches = square_patches(g, pts, max(p.orient_radius, CORNER_RADIUS + 1)).astype(np.float32)  # (K, s, s)
+    orient = patch_orientation(patches, p.orient_radius)  # (K,)
     centre, members = cluster_centre(pts, resp, g.shape, link=64.0 / f, orientations=orient)
     if members.sum() < p.min_corners:
         return _fail("no_band", f"densest cluster has {int(members.sum())} corners", (lo, hi))
@@ -617,7 +639,7 @@ def detect_roi(img: np.ndarray, p: RoiParams = RoiParams(), full_resolution: boo
     mp = pts[members]  # (Km, 2)
     spread = float((mp.max(0) - mp.min(0)).max())
     half = int(min(max(spread, 16), max(g.shape) // 3))
-    grads = _centre_gradients(g, centre, min(half, 48)), _corner_gradients(g, mp)
+    grads = _centre_gradients(g, centre, min(half, 48)), _corner_gradients(patches[members])
     axis, coh = _tensor_axis(*grads[0])
     axis_c, coh_c = _tensor_axis(*grads[1])
     if coh_c > coh:  # walls or fixtures in the centre patch: prefer the corners' surroundings
@@ -983,7 +1005,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     # a dark run at ``end`` thicker than two layers is a tray or bar beside the stack: not
     # followed, wherever it ends, and not a wall across the layers either
     at_end = _runs(dark[:, 0])  # (K, 2) runs of rows dark at ``end``
-    tray = _run_rows(dark[:, 0], 2.0 * max_layer, thicker=True, runs=at_end)  # (R,)
+    th = _run_thickness(at_end, len(seg))  # (R,) 0: not dark at ``end``
+    tray = _tray_rows(th, 2.0 * max_layer)  # (R,)
     walled = dark[inner & ~tray].sum(axis=0) >= wall_frac * int(inner.sum())
     walls = np.flatnonzero(walled)
     cw = int(walls[0]) if len(walls) else seg.shape[1]  # columns before the first wall
@@ -997,8 +1020,8 @@ def _lone_layers_end(rows: np.ndarray, end: int, body: float, background: float,
     # (R,) rows of a dark run at ``end`` no thicker than a layer (``slim``: than two), and
     # their neighbours (the hop above); rows that end in background are followed unless
     # they are a tray's or next to one (``near`` spreads a tray's rows by one)
-    thin = _grow_rows(_run_rows(dark[:, 0], max_layer, runs=at_end))
-    slim = _grow_rows(_run_rows(dark[:, 0], 2.0 * max_layer, runs=at_end))
+    thin = _grow_rows((th > 0) & (th <= max_layer))
+    slim = _grow_rows((th > 0) & (th <= 2.0 * max_layer))
     follow = (run > 0) & (((run < cw) & (slim | ~_grow_rows(tray))) | (thin & (not can_wall)))
     if can_wall and len(at_end):
         # a dark run at ``end`` with a row that runs into the can wall is the can's bar

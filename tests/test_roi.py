@@ -527,11 +527,12 @@ def test_u_extent_ends_at_the_tips_not_at_a_tray_that_ends_past_them():
         assert _u_extent(win, 0, 60 + tray_rows, anchor=86, max_layer=4) == (77.0, 150.0)
     assert _u_extent(_window_with_tray(10, streak_end=130), 0, 70, anchor=86, max_layer=4) == (77.0, 133.0)
     # a dark run over 40 % of the rows is the stack itself (its layers unresolved), not a tray
-    from daemon.roi import _run_rows
+    from daemon.roi import _run_thickness, _runs, _tray_rows
     mask = np.zeros(100, bool)
     mask[5:15] = mask[20:22] = mask[50:95] = True
-    assert np.flatnonzero(_run_rows(mask, 8, thicker=True)).tolist() == list(range(5, 15))
-    assert np.flatnonzero(_run_rows(mask, 8)).tolist() == [20, 21]
+    th = _run_thickness(_runs(mask), len(mask))
+    assert th.tolist() == [0] * 5 + [10] * 10 + [0] * 5 + [2] * 2 + [0] * 28 + [45] * 45 + [0] * 5
+    assert np.flatnonzero(_tray_rows(th, 8)).tolist() == list(range(5, 15))
 
 
 def _window_with_bar(bar_rows: int, bar_end: int = 136) -> np.ndarray:
