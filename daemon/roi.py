@@ -372,8 +372,9 @@ def _centre_gradients(g: np.ndarray, centre: np.ndarray, half: int) -> tuple[np.
     x, y = np.rint(centre).astype(int)
     y0, y1 = max(y - half, 0), min(y + half + 1, g.shape[0])
     x0, x1 = max(x - half, 0), min(x + half + 1, g.shape[1])
-    patch = g[y0:y1, x0:x1].astype(np.float32)
-    return (cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3).ravel(), cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3).ravel())
+    # both 3x3 Sobel derivatives in one pass, int16 (the float32 Sobel's values exactly, tested)
+    gx, gy = cv2.spatialGradient(np.ascontiguousarray(g[y0:y1, x0:x1]))
+    return gx.astype(np.float32).ravel(), gy.astype(np.float32).ravel()
 
 
 def _tensor_axis(gx: np.ndarray, gy: np.ndarray) -> tuple[float, float]:
@@ -402,6 +403,12 @@ def _corner_gradients(patches: np.ndarray, radius: int = CORNER_RADIUS) -> tuple
     gx = 0.5 * (patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])
     gy = 0.5 * (patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1])
     return gx.ravel(), gy.ravel()
+
+
+_CIRCULAR_5 = np.arange(-2, 180 + 2) % 180  # the 180 1-deg bins, 2 more either side, wrapped
+_ONES_5 = np.ones(5)
+_CIRCULAR_5.setflags(write=False)
+_ONES_5.setflags(write=False)
 
 
 def dominant_axis(gx: np.ndarray, gy: np.ndarray, candidates, orientations: np.ndarray,
@@ -441,11 +448,11 @@ def dominant_axis(gx: np.ndarray, gy: np.ndarray, candidates, orientations: np.n
     60 deg off the layers at a peak with no energy."""
     jxx, jyy, jxy = gx * gx, gy * gy, gx * gy
     c, s = jxx - jyy, 2.0 * jxy  # (P,) each: the doubled gradient, of length gx^2 + gy^2
-    nb = 180  # 1 deg bins of the gradient direction (2 deg of the doubled angle)
+    nb = len(_CIRCULAR_5) - 4  # 1 deg bins of the gradient direction (2 deg of the doubled angle)
     # cv2.phase is in [0, 2 pi]: the factor keeps 2 pi in the last bin
     idx = (cv2.phase(c, s).ravel() * np.float32((nb - 1e-3) / (2.0 * math.pi))).astype(np.intp)  # (P,)
     hist = np.bincount(idx, weights=jxx + jyy, minlength=nb)  # (nb,) gradient energy
-    smooth = np.convolve(hist[np.arange(-2, nb + 2) % nb], np.ones(5), "valid")  # (nb,) circular
+    smooth = np.convolve(hist[_CIRCULAR_5], _ONES_5, "valid")  # (nb,) circular
     r, w = int(round(reach)), int(round(width))
     # each candidate's gradient-direction bin (axis + 90 deg) and the bins within reach
     k0 = np.rint(np.degrees(np.asarray(candidates, np.float64)) + 90.0).astype(np.intp)  # (C,)
@@ -925,14 +932,14 @@ def _u_steps(win: np.ndarray, v0: int, v1: int, anchor,
         # rises so in one dark run only, thicker than a layer, and every other dark run
         # there is thicker still (no layer goes on past it): a bar's end
         c0, c1 = min(pos[k, 1], last), min(pos[k + 1, 1], last)
-        rise = brighten(c0, c1)  # (R,)
-        amp = background - body
         runs = _runs(rows[:, c0] < mid)  # (K, 2)
         th = runs[:, 1] - runs[:, 0]  # (K,)
-        short = th < TRAY_ROWS * len(rise)  # (K,) a longer run is the stack
+        short = th < TRAY_ROWS * len(rows)  # (K,) a longer run is the stack
         runs, th = runs[short], th[short]
-        if not len(runs):
+        if not (th > max_layer).any():  # no run thicker than a layer: neither a tray nor a bar
             return False
+        rise = brighten(c0, c1)  # (R,)
+        amp = background - body
         cs = np.concatenate(([0.0], np.cumsum(rise, dtype=np.float64)))
         gained = cs[runs[:, 1]] - cs[runs[:, 0]]  # (K,) each run's summed rise
         up = gained / th > 0.25 * amp  # (K,) runs that brighten

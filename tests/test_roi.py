@@ -303,6 +303,42 @@ def test_vectorised_orientation_matches_the_serial_reference():
     np.testing.assert_allclose(ofast_orientation(view, sub, 7), ofast_orientation_serial(view, sub, 7), atol=1e-5)
 
 
+def test_centre_gradients_are_the_float_sobel_exactly():
+    """One int16 pass of both 3x3 derivatives gives the float32 Sobel's values exactly, at
+    the image's edges (clipped patches) too."""
+    from daemon.roi import _centre_gradients
+
+    rng = np.random.default_rng(416)
+    for k in range(40):
+        g = rng.integers(0, 256, (rng.integers(40, 160), rng.integers(40, 160))).astype(np.uint8)
+        if k % 2:
+            g = cv2.GaussianBlur(g, (5, 5), 2.0)  # smooth: the edges' values, not only noise
+        centre, half = rng.uniform(0, (g.shape[1] - 1, g.shape[0] - 1)), int(rng.integers(16, 49))
+        gx, gy = _centre_gradients(g, centre, half)
+        x, y = np.rint(centre).astype(int)
+        patch = g[max(y - half, 0):y + half + 1, max(x - half, 0):x + half + 1].astype(np.float32)
+        assert gx.dtype == gy.dtype == np.float32
+        np.testing.assert_array_equal(gx, cv2.Sobel(patch, cv2.CV_32F, 1, 0, ksize=3).ravel())
+        np.testing.assert_array_equal(gy, cv2.Sobel(patch, cv2.CV_32F, 0, 1, ksize=3).ravel())
+
+
+def test_one_patch_gather_serves_the_orientation_and_the_corner_gradients():
+    """``detect_roi`` gathers the coarse patches once, at the larger of the two radii: the
+    orientation and the corner gradients from them equal those from their own gathers."""
+    from daemon.roi import CORNER_RADIUS, _corner_gradients, patch_orientation, square_patches
+
+    rng = np.random.default_rng(417)
+    g = rng.integers(0, 256, (90, 120)).astype(np.uint8)
+    pts = np.c_[rng.uniform(0, 119, 50), rng.uniform(0, 89, 50)].astype(np.float32)  # near the edges too
+    for r in (5, 7, 9):
+        big = square_patches(g, pts, max(r, CORNER_RADIUS + 1)).astype(np.float32)
+        np.testing.assert_array_equal(patch_orientation(big, r), ofast_orientation(g, pts, r))
+        own = square_patches(g, pts, CORNER_RADIUS + 1).astype(np.float32)
+        d = own[:, 1:-1, 2:] - own[:, 1:-1, :-2], own[:, 2:, 1:-1] - own[:, :-2, 1:-1]
+        for got, want in zip(_corner_gradients(big), d):
+            np.testing.assert_array_equal(got, (0.5 * want).ravel())
+
+
 def test_orientation_points_to_the_bright_side():
     g = np.zeros((64, 64), np.uint8)
     g[:, 40:] = 255
