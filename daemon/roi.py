@@ -405,7 +405,8 @@ def _corner_gradients(patches: np.ndarray, radius: int = CORNER_RADIUS) -> tuple
     return gx.ravel(), gy.ravel()
 
 
-_CIRCULAR_5 = np.arange(-2, 180 + 2) % 180  # the 180 1-deg bins, 2 more either side, wrapped
+AXIS_BINS = 180  # dominant_axis: 1 deg bins of the gradient direction (2 deg of the doubled angle)
+_CIRCULAR_5 = np.arange(-2, AXIS_BINS + 2) % AXIS_BINS  # the bins, 2 more either side, wrapped
 _ONES_5 = np.ones(5)
 _CIRCULAR_5.setflags(write=False)
 _ONES_5.setflags(write=False)
@@ -448,7 +449,7 @@ def dominant_axis(gx: np.ndarray, gy: np.ndarray, candidates, orientations: np.n
     60 deg off the layers at a peak with no energy."""
     jxx, jyy, jxy = gx * gx, gy * gy, gx * gy
     c, s = jxx - jyy, 2.0 * jxy  # (P,) each: the doubled gradient, of length gx^2 + gy^2
-    nb = len(_CIRCULAR_5) - 4  # 1 deg bins of the gradient direction (2 deg of the doubled angle)
+    nb = AXIS_BINS
     # cv2.phase is in [0, 2 pi]: the factor keeps 2 pi in the last bin
     idx = (cv2.phase(c, s).ravel() * np.float32((nb - 1e-3) / (2.0 * math.pi))).astype(np.intp)  # (P,)
     hist = np.bincount(idx, weights=jxx + jyy, minlength=nb)  # (nb,) gradient energy
