@@ -1015,7 +1015,8 @@ def test_the_coarse_probe_does_not_change_the_result():
     frames = [P.make_phantom(np.random.SeedSequence([999, i]), pre, (1024, 1024), 16).image
               for pre in ("normal", "hard") for i in range(1, 4)]
     noisy = P.make_phantom(np.random.SeedSequence([999, 0]), "normal", (1024, 1024), 16).image  # 1329 corners
-    frames.append(noisy)
+    noisier = P.make_phantom(np.random.SeedSequence([777001, 4]), "normal", (1024, 1024), 16).image  # 2392 at 20
+    frames += [noisy, noisier]
     frames.append(cv2.GaussianBlur(frames[0], (0, 0), 4))  # soft tips: 8th-best response 55 < 4 x the probe's 20
     took_probe = 0
     for img in frames:
@@ -1027,6 +1028,10 @@ def test_the_coarse_probe_does_not_change_the_result():
         g8 = _coarse8(img)
         took_probe += len(coarse_corners(g8, base)[0]) < len(coarse_corners(g8, off)[0])
     assert len(fast_corners(_coarse8(noisy), 10, 10**6)[0]) > base.n_coarse  # truncated without the probe
+    # the probe itself truncated, its strong corners returned without the full pass
+    g8 = _coarse8(noisier)
+    assert len(fast_corners(g8, base.fast_probe_threshold, 10**6)[0]) > base.n_coarse + 1
+    assert len(coarse_corners(g8, base)[0]) < base.n_coarse
     assert 0 < took_probe < len(frames)  # both paths were exercised
 
 
