@@ -85,9 +85,11 @@ def to_markdown(name: str, res: dict) -> str:
 
 
 @stage("roi")
-def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, repeat: int = 25, **_) -> dict:
-    """Stage 1 on distinct pre-rendered frames (cycled, so each call reads a new frame),
-    one core: ``repeat`` rounds over the ``n`` frames (500 calls by default, so the p99 is
+def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, repeat: int = 25,
+              preset: str = "normal", **_) -> dict:
+    """Stage 1 on distinct pre-rendered ``preset`` phantoms (the goal's figure is on
+    ``normal``; ``hard`` adds every interference, and its noise makes FAST slower), cycled,
+    so each call reads a new frame, one core: ``repeat`` rounds over the ``n`` frames (500 calls by default, so the p99 is
     the 5th-slowest call, not the slowest).  The full-resolution detection (no coarse
     scale) is the reference, timed in every 5th round, interleaved, so that the machine's
     drift hits both alike.  The tail is split in two: the slowest frame's median over its
@@ -99,7 +101,7 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
     from .roi import RoiParams, detect_roi, ofast_orientation, ofast_orientation_serial, to_8bit
 
     cv2.setNumThreads(1)
-    frames = [make_phantom(np.random.SeedSequence([31337, i]), "normal", size, bits).image for i in range(n)]
+    frames = [make_phantom(np.random.SeedSequence([31337, i]), preset, size, bits).image for i in range(n)]
     p = RoiParams()
     detect_roi(frames[0], p), detect_roi(frames[0], p, full_resolution=True)  # warm-up
     coarse, full = [], []
@@ -123,7 +125,7 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
         "roi_corners (coarse + full-res Q)": summary(coarse),
         "reference: full-resolution detection": summary(full),
     }
-    return {"rows": rows, "size": list(size), "bits": bits, "threads": 1, "N": p.n_corners,
+    return {"rows": rows, "size": list(size), "bits": bits, "preset": preset, "threads": 1, "N": p.n_corners,
             "full_over_coarse": round(float(np.median(full) / np.median(coarse)), 2),
             "slowest_frame_median_ms": round(float(frame_med.max()) * 1e3, 3),
             "fastest_frame_median_ms": round(float(frame_med.min()) * 1e3, 3),
@@ -134,7 +136,7 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
 
 @stage("model")
 def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16, threads: int = 2,
-                model_path: str | None = None, providers: str = "cpu", **_) -> dict:
+                model_path: str | None = None, providers: str = "cpu", preset: str = "normal", **_) -> dict:
     """Stage 2: the shipped ONNX model under ONNX Runtime on CPU with ``threads`` intra-op
     threads (``providers="cpu"``), or as the config runs it: providers, IO binding, FP16,
     fixed shape (``providers="config"``: the GPU path on a machine with one; the result says
@@ -161,7 +163,7 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
                           threads=threads)
     else:
         raise ValueError(f"providers must be 'cpu' or 'config', got {providers!r}")
-    frames = [make_phantom(np.random.SeedSequence([27182, i]), "normal", size, bits).image for i in range(n)]
+    frames = [make_phantom(np.random.SeedSequence([27182, i]), preset, size, bits).image for i in range(n)]
     rois = [detect_roi(f) for f in frames]
     pairs = [(f, r) for f, r in zip(frames, rois) if r.ok]
     plan = CropPlan.from_config(cfg).for_model(m)
@@ -197,7 +199,7 @@ def bench_model(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 1
             "fitted_crops_per_frame": round(float(np.mean([len(t) for t, _ in fitted])), 2),
             "fitted_over_tiled_pixels": round(area(fitted) / area(tiled), 3),
             "tiles_over_fitted_time": round(float(np.median(til) / np.median(fit)), 2),
-            "model_sha256": m.sha256[:12], "size": list(size), "bits": bits}
+            "model_sha256": m.sha256[:12], "size": list(size), "bits": bits, "preset": preset}
 
 
 def _rss_mb() -> tuple[float, float]:

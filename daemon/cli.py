@@ -140,7 +140,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     results = {}
     for name in names:
         res = STAGES[name](n=a.n, size=tuple(a.size), bits=a.bits, frames=a.frames, providers=a.providers,
-                           malloc=malloc)
+                           malloc=malloc, preset=a.preset)
         res["malloc"] = malloc
         results[name] = res
         print(to_markdown(name, res))
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=20, help="frames per variant")
     s.add_argument("--size", type=int, nargs=2, default=(1024, 1024), metavar=("W", "H"))
     s.add_argument("--bits", type=int, choices=[8, 16], default=16)
+    s.add_argument("--preset", choices=["normal", "hard", "defects"], default="normal",
+                   help="phantoms the roi, model and pipeline stages run on (the phantom stage renders all three)")
     s.add_argument("--providers", choices=["cpu", "config"], default="cpu",
                    help="model stage: ONNX Runtime on CPU (default), or as the config runs it: providers, "
                         "IO binding, FP16, fixed shape (the GPU path where there is one)")

@@ -1047,6 +1047,21 @@ def test_bench_roi_splits_its_tail():
     assert r["same_frame_p99_over_median"] >= 1.0  # each frame's calls straddle its median
 
 
+def test_bench_roi_on_another_preset_from_the_command_line(tmp_path, capsys):
+    """`polecheck bench --stage roi --preset hard`: the frames are the preset's, and the
+    result says which preset it timed (the table and the JSON)."""
+    import json
+
+    from daemon.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--stage", "roi", "--preset", "hard", "--n", "2", "--size", "384", "384",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["roi"]
+    assert r["preset"] == "hard" and r["rows"]["roi_corners (coarse + full-res Q)"]["n"] == 50
+    assert "preset=hard" in capsys.readouterr().out
+
+
 def test_roi_summary_rates_and_the_frames_to_look_at():
     """``polecheck eval-roi``'s figures: rates over all frames (a frame without an ROI
     counts against every one), and the frames over 3x and those whose ROI misses a tip
