@@ -89,12 +89,13 @@ def bench_roi(n: int = 20, size: tuple[int, int] = (1024, 1024), bits: int = 16,
               preset: str = "normal", **_) -> dict:
     """Stage 1 on distinct pre-rendered ``preset`` phantoms (the goal's figure is on
     ``normal``; ``hard`` adds every interference, and its noise makes FAST slower), cycled,
-    so each call reads a new frame, one core: ``repeat`` rounds over the ``n`` frames (500 calls by default, so the p99 is
-    the 5th-slowest call, not the slowest).  The full-resolution detection (no coarse
-    scale) is the reference, timed in every 5th round, interleaved, so that the machine's
-    drift hits both alike.  The tail is split in two: the slowest frame's median over its
-    rounds (what content costs) and the 99th percentile of each call over its own frame's
-    median (the machine's jitter on the same work)."""
+    so each call reads a new frame, one core: ``repeat`` rounds over the ``n`` frames (500
+    calls by default, so the p99 is the 5th-slowest call, not the slowest).  The
+    full-resolution detection (no coarse scale) is the reference, timed in every 5th round,
+    interleaved, so that the machine's drift hits both alike.  The tail is split in two:
+    the slowest frame's median over its rounds (what content costs) and the 99th
+    percentile of each call over its own frame's median (the machine's jitter on the same
+    work)."""
     import cv2
 
     from .phantom import make_phantom
